@@ -1,0 +1,120 @@
+"""`python -m raytrain_align RECIPE | plan RECIPE | prepare RECIPE | recipes` — a thin entry point.
+
+Handbook-style `--key value` flags after the recipe (e.g. `--gradient_accumulation_steps 16`) are
+recipe overrides, like `--set key=value`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import RecipeError
+
+COMMANDS = ("plan", "prepare", "recipes", "train")
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Train alignment-handbook recipes on a Ray cluster.")
+    p.add_argument("recipe", help="registered recipe name (see `recipes`) or path to a recipe YAML")
+    p.add_argument("--tiny", action="store_true", help="embedded default: tiny model + synthetic data, 2 CPU workers")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--nodes", type=int, help="number of nodes (default: recipe ray.nodes)")
+    p.add_argument("--gpus-per-node", type=int, help="workers per node (default: recipe ray.gpus_per_node)")
+    p.add_argument("--storage", help="Ray Train storage path: local dir, NFS or s3:// (default ~/ray_results)")
+    p.add_argument("--output-dir", help="where the final Hugging Face model goes (default: recipe output_dir)")
+    p.add_argument("--accelerate-config", "--config_file", dest="accelerate_config",
+                   help="accelerate config file (recipes/accelerate_configs/zero3.yaml, fsdp.yaml, ddp.yaml)")
+    p.add_argument("--max-failures", type=int, help="worker-group restarts allowed before the run fails")
+    p.add_argument("--json", action="store_true", help="(plan) print the plan as JSON")
+    return p
+
+
+def _handbook_overrides(extra: list[str]) -> list[str]:
+    """`--gradient_accumulation_steps 16` / `--packing` -> ['gradient_accumulation_steps=16', 'packing=true']."""
+    out, i = [], 0
+    while i < len(extra):
+        tok = extra[i]
+        if not tok.startswith("--"):
+            raise RecipeError(f"unexpected argument '{tok}'; recipe overrides look like --key value or --set key=value")
+        key = tok[2:]
+        if "=" in key:
+            out.append(key)
+            i += 1
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            out.append(f"{key}={extra[i + 1]}")
+            i += 2
+        else:
+            out.append(f"{key}=true")
+            i += 1
+    return out
+
+
+def _load(args, extra):
+    from .plan import build_plan
+    from .recipe import load_recipe, parse_set
+
+    overrides = parse_set(args.sets + _handbook_overrides(extra))
+    recipe = load_recipe(args.recipe, overrides, args.accelerate_config)
+    for w in recipe.warnings:
+        print(w, file=sys.stderr)
+    return build_plan(
+        recipe, tiny=args.tiny, nodes=args.nodes, gpus_per_node=args.gpus_per_node, storage=args.storage,
+        output_dir=args.output_dir, max_failures=args.max_failures,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = "python -m raytrain_align"
+    try:
+        if not argv or argv[0] in ("-h", "--help"):
+            _parser(prog).print_help()
+            print("\ncommands: RECIPE (train) | plan RECIPE | prepare RECIPE | recipes")
+            return 0
+        if argv[0] == "recipes":
+            from .recipe import RECIPES, recipes_root
+
+            for name, (rel, method) in RECIPES.items():
+                print(f"{name:16s} {method.upper():4s} {recipes_root() / rel}")
+            return 0
+        command = "train"
+        if argv[0] in ("plan", "prepare", "train"):
+            command, argv = argv[0], argv[1:]
+        args, extra = _parser(f"{prog} {command}").parse_known_args(argv)
+        plan = _load(args, extra)
+        if command == "plan":
+            from .plan import describe
+
+            print(plan.to_json() if args.json else describe(plan))
+            return 0
+        if command == "prepare":
+            from . import launch, prepare, tiny
+
+            launch.init_ray()
+            if plan.tiny:
+                tiny.materialize(tiny.assets_dir(plan.storage_path), plan.recipe_model)
+            p = prepare.prepare(plan)
+            print(json.dumps({"key": p.key, "path": p.path, "rows_in": p.rows_in, "rows_out": p.rows_out,
+                              "tokens": p.tokens, "fill_ratio": p.fill_ratio, "reused": p.reused}, indent=2))
+            return 0
+        from . import launch
+        from .plan import describe
+
+        print(describe(plan), flush=True)
+        summary = launch.run(plan)
+        print(summary.render(), flush=True)
+        return 0
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last committed checkpoint in storage stays valid; rerun the same command to continue",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

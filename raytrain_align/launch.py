@@ -1,0 +1,86 @@
+"""The driver: connect to (or start) Ray, prepare data, run the TorchTrainer, export and summarize.
+
+Runs wherever `python -m raytrain_align` runs — a laptop (starts a local Ray), the head node, or a
+`ray job submit` entrypoint (finds the cluster through RAY_ADDRESS).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from .errors import RecipeError
+from .plan import Plan
+
+
+def check_gpus(plan: Plan) -> None:
+    """A GPU recipe on a laptop without a cluster: refuse before anything is written."""
+    if plan.use_gpu and not os.environ.get("RAY_ADDRESS"):
+        import torch
+
+        have = torch.cuda.device_count()
+        if have < plan.gpus_per_node or plan.nodes > 1:
+            raise RecipeError(
+                f"recipe '{plan.recipe}' needs {plan.world_size} GPUs ({plan.nodes} node(s) x {plan.gpus_per_node}) and this "
+                f"machine has {have} with no Ray cluster (RAY_ADDRESS unset); add --tiny for the CPU demo, "
+                "set RAY_ADDRESS to a GPU cluster, or lower --nodes/--gpus-per-node"
+            )
+
+
+def init_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+        runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning"}},
+    )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ctx.print_on_execution_start = False
+    ctx.verbose_stats_logs = False
+
+
+def run(plan: Plan, log=print):
+    """Train one recipe end to end and return its RunSummary."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from . import export, prepare, tiny
+    from .train import train_loop_per_worker
+
+    check_gpus(plan)
+    if not plan.tiny:
+        prepare.check_sources(plan.script)
+    init_ray()
+    if plan.tiny:
+        assets = tiny.assets_dir(plan.storage_path)
+        tiny.materialize(assets, plan.recipe_model)
+    prepared = prepare.prepare(plan, log=log)
+
+    resources = {"CPU": plan.cpus_per_worker}
+    if plan.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"plan": asdict(plan), "prepared": asdict(prepared)},
+        torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo", timeout_s=plan.collective_timeout_s),
+        scaling_config=ScalingConfig(num_workers=plan.world_size, use_gpu=plan.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=plan.run_name,
+            storage_path=plan.storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=plan.training.get("save_total_limit") or None),
+            failure_config=FailureConfig(max_failures=plan.max_failures),
+        ),
+    )
+    log(f"train         {plan.world_size} Ray workers, {plan.backend}, run '{plan.run_name}' in {plan.storage_path}")
+    result = trainer.fit()
+    summary = export.summarize(plan, result)
+    (Path(plan.output_dir) / "summary.json").write_text(json.dumps(asdict(summary), indent=2, default=str))
+    return summary

@@ -1,0 +1,263 @@
+"""Stage 2 of 5: turn a recipe plus CLI flags into a Plan — everything resolved, nothing started.
+
+The plan is what `python -m raytrain_align plan` prints and what every Ray worker receives: world size,
+global batch, the accelerate environment (built by accelerate's own launcher code, so each worker's
+DeepSpeed/FSDP plugin is exactly what `accelerate launch --config_file ...` would build) and the data
+sources. It touches no cluster, no GPU and no disk beyond reading the recipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import RecipeError
+from .recipe import ACCELERATE_BACKENDS, Recipe
+
+
+@dataclass
+class Plan:
+    recipe: str
+    recipe_path: str
+    method: str
+    tiny: bool
+    backend: str  # deepspeed | fsdp | ddp
+    nodes: int
+    gpus_per_node: int  # workers per node (GPUs, or CPU workers when use_gpu is false)
+    use_gpu: bool
+    cpus_per_worker: int
+    world_size: int
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    global_batch_size: int
+    storage_path: str
+    run_name: str
+    output_dir: str
+    max_failures: int
+    collective_timeout_s: int
+    model: dict[str, Any]
+    script: dict[str, Any]
+    training: dict[str, Any]
+    accelerate_config: str
+    accelerate_env: dict[str, str]
+    deepspeed_config: dict[str, Any] | None
+    tiny_overrides: dict[str, Any] = field(default_factory=dict)
+    recipe_model: str = ""  # the recipe's own model_name_or_path (before --tiny swapped it)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        return cls(**d)
+
+
+def accelerate_env(config_path: Path, num_machines: int, num_processes: int, mixed_precision: str | None) -> dict[str, str]:
+    """The ACCELERATE_*/FSDP_* variables `accelerate launch --config_file` sets, computed by accelerate itself."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    argv = ["--config_file", str(config_path), "--num_machines", str(num_machines), "--num_processes", str(num_processes)]
+    argv += ["--machine_rank", "0", "--main_process_ip", "127.0.0.1", "--main_process_port", "29500"]
+    if mixed_precision:
+        argv += ["--mixed_precision", mixed_precision]
+    args = launch_command_parser().parse_args(argv + ["train.py"])
+    with _quiet():
+        args, defaults, mp_from_flag = _validate_launch_command(args)
+    if args.use_deepspeed:
+        fields_ = list(defaults.deepspeed_config.keys()) if defaults else []
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields_ + (["mixed_precision"] if mp_from_flag else []))
+        with _quiet():
+            _, env = prepare_deepspeed_cmd_env(args)
+    else:
+        env = prepare_multi_gpu_env(args)
+    return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+
+
+@contextlib.contextmanager
+def _quiet():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@contextlib.contextmanager
+def patched_env(env: dict[str, str]):
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def deepspeed_config_for(env: dict[str, str], training: dict[str, Any], world_size: int, gbs: int) -> dict[str, Any]:
+    """The DeepSpeed config accelerate's DeepSpeedPlugin builds from that environment, with the Trainer's
+    'auto' values filled in the way transformers fills them."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    with patched_env(env), _quiet():
+        plugin = DeepSpeedPlugin()
+        plugin.set_mixed_precision(env.get("ACCELERATE_MIXED_PRECISION", "no"))
+    cfg = json.loads(json.dumps(plugin.deepspeed_config, default=str))
+    fill = {
+        "train_micro_batch_size_per_gpu": training.get("per_device_train_batch_size", 8),
+        "gradient_accumulation_steps": training.get("gradient_accumulation_steps", 1),
+        "train_batch_size": gbs,
+        "gradient_clipping": training.get("max_grad_norm", 1.0),
+    }
+    for k, v in fill.items():
+        if cfg.get(k, "auto") == "auto":
+            cfg[k] = v
+    cfg.pop("steps_per_print", None)
+    return cfg
+
+
+def _positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RecipeError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def build_plan(
+    recipe: Recipe,
+    tiny: bool = False,
+    nodes: int | None = None,
+    gpus_per_node: int | None = None,
+    storage: str | None = None,
+    output_dir: str | None = None,
+    max_failures: int | None = None,
+) -> Plan:
+    from . import tiny as tiny_mod
+
+    training = dict(recipe.training)
+    model = dict(recipe.model)
+    script = dict(recipe.script)
+    ray_cfg = dict(recipe.ray)
+    acc = recipe.accelerate
+    overrides: dict[str, Any] = {}
+    if tiny:
+        overrides = tiny_mod.tiny_overrides(recipe)
+        for key, value in overrides.items():
+            section = model if key in recipe.model or key in tiny_mod.MODEL_KEYS else training
+            section[key] = value
+        ray_cfg.pop("global_batch_size", None)
+
+    num_machines = acc.get("num_machines", 1) or 1
+    per_node_default = max(1, (acc.get("num_processes", 1) or 1) // num_machines)
+    if tiny:
+        nodes_ = _positive("--nodes", nodes or 1)
+        per_node = _positive("--gpus-per-node", gpus_per_node or tiny_mod.TINY_WORKERS)
+        use_gpu = False
+        cpus = 1
+    else:
+        nodes_ = _positive("--nodes", nodes or ray_cfg.get("nodes") or num_machines)
+        per_node = _positive("--gpus-per-node", gpus_per_node or ray_cfg.get("gpus_per_node") or per_node_default)
+        use_gpu = True
+        cpus = _positive("ray.cpus_per_worker", ray_cfg.get("cpus_per_worker") or 1)
+    world = nodes_ * per_node
+
+    pdbs = _positive("per_device_train_batch_size", training.get("per_device_train_batch_size", 8))
+    ga = _positive("gradient_accumulation_steps", training.get("gradient_accumulation_steps", 1))
+    gbs_target = ray_cfg.get("global_batch_size")
+    if gbs_target:
+        if gbs_target % (pdbs * world):
+            raise RecipeError(
+                f"ray.global_batch_size {gbs_target} is not a multiple of per_device_train_batch_size x world size "
+                f"= {pdbs} x {world}; pick a global batch divisible by {pdbs * world} or change --nodes/--gpus-per-node"
+            )
+        ga = gbs_target // (pdbs * world)
+        training["gradient_accumulation_steps"] = ga
+    gbs = pdbs * ga * world
+
+    backend = ACCELERATE_BACKENDS[acc["distributed_type"]]
+    mixed = "no" if tiny else None
+    env = accelerate_env(recipe.accelerate_path, nodes_, world, mixed)
+    ds_cfg = deepspeed_config_for(env, training, world, gbs) if backend == "deepspeed" else None
+
+    run_name = training.get("run_name") or recipe.name
+    if tiny:
+        run_name = f"{run_name}-tiny"
+    storage_path = storage or ray_cfg.get("storage_path") or os.environ.get("RAYTRAIN_ALIGN_STORAGE") or "~/ray_results"
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).expanduser().resolve())
+    if tiny:
+        assets = tiny_mod.assets_dir(storage_path)
+        script = tiny_mod.tiny_script(recipe, assets)
+        model["model_name_or_path"] = str(tiny_mod.model_dir(assets, recipe.model["model_name_or_path"]))
+        overrides["model_name_or_path"] = f"tiny {tiny_mod._family(recipe.model['model_name_or_path'])} built from a config"
+    out = output_dir or training.get("output_dir") or f"data/{run_name}"
+    if tiny and not output_dir:
+        out = f"{out}-tiny"
+    if "://" not in out:
+        out = str(Path(out).expanduser().resolve())
+    training["output_dir"] = out
+
+    return Plan(
+        recipe=recipe.name,
+        recipe_path=str(recipe.path),
+        method=recipe.method,
+        tiny=tiny,
+        backend=backend,
+        nodes=nodes_,
+        gpus_per_node=per_node,
+        use_gpu=use_gpu,
+        cpus_per_worker=cpus,
+        world_size=world,
+        per_device_train_batch_size=pdbs,
+        gradient_accumulation_steps=ga,
+        global_batch_size=gbs,
+        storage_path=storage_path,
+        run_name=run_name,
+        output_dir=out,
+        max_failures=max_failures if max_failures is not None else int(ray_cfg.get("max_failures") or 0),
+        collective_timeout_s=int(training.get("ddp_timeout") or 1800),
+        model=model,
+        script=script,
+        training=training,
+        accelerate_config=str(recipe.accelerate_path),
+        accelerate_env=env,
+        deepspeed_config=ds_cfg,
+        tiny_overrides=overrides,
+        recipe_model=recipe.model["model_name_or_path"],
+    )
+
+
+def describe(plan: Plan) -> str:
+    """Human-readable plan: what will run where, and with which batch and sharding."""
+    lines = [
+        f"recipe        {plan.recipe} ({plan.method.upper()}) {plan.recipe_path}",
+        f"model         {plan.model.get('model_name_or_path')}",
+        f"workers       {plan.nodes} node(s) x {plan.gpus_per_node} {'GPU' if plan.use_gpu else 'CPU'} worker(s) = world size {plan.world_size}",
+        f"batch         per-device {plan.per_device_train_batch_size} x grad-acc {plan.gradient_accumulation_steps} x world {plan.world_size} = GBS {plan.global_batch_size}",
+        f"backend       {plan.backend} (from {plan.accelerate_config})",
+    ]
+    mix = plan.script.get("dataset_mixture")
+    if mix:
+        for d in mix["datasets"]:
+            where = d["id"] + (f" [{d.get('config')}]" if d.get("config") else "") + f" split={d.get('split', 'train')}"
+            lines.append(f"data          {where} weight={d.get('weight', 1.0)}")
+    elif plan.script.get("dataset_name"):
+        lines.append(f"data          {plan.script['dataset_name']}")
+    t = plan.training
+    lines += [
+        f"optimizer     lr {t.get('learning_rate')} {t.get('lr_scheduler_type', 'linear')} warmup_ratio {t.get('warmup_ratio', 0)} max_grad_norm {t.get('max_grad_norm', 1.0)}",
+        f"sequence      max_length {t.get('max_length', 1024)} packing {t.get('packing', False)} epochs {t.get('num_train_epochs', 3)}",
+        f"storage       {plan.storage_path}/{plan.run_name}",
+        f"output        {plan.output_dir}",
+    ]
+    if plan.tiny_overrides:
+        lines.append("tiny          " + ", ".join(f"{k}={v}" for k, v in plan.tiny_overrides.items()))
+    if plan.deepspeed_config:
+        lines.append("deepspeed     " + json.dumps(plan.deepspeed_config, indent=2).replace("\n", "\n              "))
+    return "\n".join(lines)

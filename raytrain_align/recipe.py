@@ -1,0 +1,350 @@
+"""Stage 1 of 5: read a recipe in the alignment-handbook's format and check every key before anything runs.
+
+A recipe is one YAML file of TRL fields (`trl.ModelConfig`, the handbook's `ScriptArguments` with
+`dataset_mixture`, `trl.SFTConfig` plus the handbook's `chat_template`) and an optional `ray:` section
+for where and how to run. The launch backend comes from an accelerate config file in the handbook's
+format. Unknown keys and wrong types are refused here with a one-line hint, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RecipeError
+
+# Registered recipe names -> (path under recipes/, training method).
+RECIPES: dict[str, tuple[str, str]] = {
+    "sft_mid": ("smollm3/sft/mid.yaml", "sft"),
+}
+
+# The `ray:` section. CLI flags override it; the handbook's keys keep their meaning.
+RAY_FIELDS: dict[str, Any] = {
+    "accelerate_config": str,  # path to a handbook accelerate config (zero3.yaml, fsdp.yaml, ddp.yaml)
+    "nodes": int,  # machines; default: the accelerate config's num_machines
+    "gpus_per_node": int,  # workers per machine; default: num_processes / num_machines
+    "cpus_per_worker": int,  # CPUs reserved per training worker
+    "storage_path": str,  # Ray Train storage: local dir, NFS mount or s3:// URI
+    "max_failures": int,  # worker-group restarts allowed (FailureConfig)
+    "global_batch_size": int,  # if set, gradient_accumulation_steps is derived from it
+}
+
+# Fields current TRL/transformers renamed: translated with one warning line each, never dropped.
+RENAMED_FIELDS = {
+    "warmup_ratio": "warmup_steps",  # transformers 5: warmup_steps < 1 is a ratio
+    "max_seq_length": "max_length",
+    "torch_dtype": "dtype",
+}
+
+# The handbook's `dataset_mixture` entries (alignment.configs.DatasetConfig).
+MIXTURE_KEYS = {"datasets", "seed", "test_split_size"}
+MIXTURE_ENTRY_KEYS = {"id", "config", "split", "columns", "weight"}
+
+# Fields the handbook adds to TRL's configs.
+HANDBOOK_TRAIN_FIELDS: dict[str, Any] = {"chat_template": str | None}
+HANDBOOK_SCRIPT_FIELDS: dict[str, Any] = {"dataset_mixture": dict | None}
+
+
+def recipes_root() -> Path:
+    """recipes/ next to the package (a clone or editable install), or $RAYTRAIN_ALIGN_RECIPES."""
+    env = os.environ.get("RAYTRAIN_ALIGN_RECIPES")
+    candidates = [Path(env)] if env else []
+    candidates += [Path(__file__).resolve().parent.parent / "recipes", Path.cwd() / "recipes"]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return candidates[0]
+
+
+@dataclass
+class Recipe:
+    """A validated recipe, split by the config class each key belongs to."""
+
+    name: str
+    path: Path
+    method: str  # "sft" (DPO arrives with the DPO trainer)
+    model: dict[str, Any] = field(default_factory=dict)  # trl.ModelConfig fields
+    script: dict[str, Any] = field(default_factory=dict)  # dataset_name / dataset_mixture / splits
+    training: dict[str, Any] = field(default_factory=dict)  # trl.SFTConfig fields + chat_template
+    ray: dict[str, Any] = field(default_factory=dict)  # the `ray:` section
+    accelerate: dict[str, Any] = field(default_factory=dict)  # parsed accelerate config file
+    accelerate_path: Path | None = None
+    warnings: list[str] = field(default_factory=list)  # one line per translated field
+
+    def get(self, key: str, default=None):
+        for section in (self.training, self.model, self.script):
+            if key in section:
+                return section[key]
+        return default
+
+
+# ----------------------------------------------------------------------------------------------- fields
+
+
+def _config_fields(method: str) -> tuple[dict, dict, dict]:
+    """(model, script, training) field name -> type, from the installed TRL itself."""
+    import trl
+    from trl.scripts.utils import ScriptArguments
+
+    def hints(cls):
+        resolved = typing.get_type_hints(cls)
+        return {f.name: resolved.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+
+    model = hints(trl.ModelConfig)
+    script = {**hints(ScriptArguments), **HANDBOOK_SCRIPT_FIELDS}
+    config_cls = {"sft": trl.SFTConfig}[method]
+    training = {**hints(config_cls), **HANDBOOK_TRAIN_FIELDS}
+    # ModelConfig and SFTConfig share a few names (e.g. trust_remote_code): both receive them.
+    return model, script, training
+
+
+def _closest(key: str, candidates) -> str:
+    match = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _matches(value, tp) -> bool:
+    """Does a YAML value fit a dataclass annotation? YAML gives str/int/float/bool/list/dict/None."""
+    if tp is Any or tp is object:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if origin in (list, tuple, set):
+        args = typing.get_args(tp)
+        return isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return value in {m.value for m in tp} or value in {m.name for m in tp}
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _check_type(where: str, key: str, value, tp) -> None:
+    if not _matches(value, tp):
+        raise RecipeError(
+            f"{where}: '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}; fix the value in the recipe or --set"
+        )
+
+
+def _check_mixture(where: str, mixture) -> None:
+    if mixture is None:
+        return
+    if not isinstance(mixture, dict) or "datasets" not in mixture:
+        raise RecipeError(f"{where}: 'dataset_mixture' needs a 'datasets:' list of entries with id/config/split/columns/weight")
+    for key in mixture:
+        if key not in MIXTURE_KEYS:
+            raise RecipeError(f"{where}: unknown key 'dataset_mixture.{key}'{_closest(key, MIXTURE_KEYS)}")
+    if not isinstance(mixture["datasets"], list) or not mixture["datasets"]:
+        raise RecipeError(f"{where}: 'dataset_mixture.datasets' must be a non-empty list")
+    for i, entry in enumerate(mixture["datasets"]):
+        if not isinstance(entry, dict) or "id" not in entry:
+            raise RecipeError(f"{where}: dataset_mixture.datasets[{i}] needs an 'id' (hub id or local path)")
+        for key in entry:
+            if key not in MIXTURE_ENTRY_KEYS:
+                raise RecipeError(
+                    f"{where}: unknown key 'dataset_mixture.datasets[{i}].{key}'{_closest(key, MIXTURE_ENTRY_KEYS)}"
+                )
+        w = entry.get("weight", 1.0)
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0):
+            raise RecipeError(f"{where}: dataset_mixture.datasets[{i}].weight must be a number >= 0, got {w!r}")
+    seed = mixture.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise RecipeError(f"{where}: dataset_mixture.seed must be int, got {seed!r}")
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def resolve_recipe_path(name_or_path: str) -> tuple[str, Path, str | None]:
+    """A registered name or a YAML path -> (name, path, method or None)."""
+    if name_or_path in RECIPES:
+        rel, method = RECIPES[name_or_path]
+        return name_or_path, recipes_root() / rel, method
+    path = Path(name_or_path)
+    if name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path:
+        if not path.is_file():
+            raise RecipeError(f"recipe file '{name_or_path}' does not exist; pass a YAML path or one of: {', '.join(RECIPES)}")
+        return path.stem, path, None
+    raise RecipeError(
+        f"unknown recipe '{name_or_path}'{_closest(name_or_path, RECIPES)}; known recipes: {', '.join(RECIPES)} "
+        "(or pass a path to a recipe YAML)"
+    )
+
+
+def _read_yaml(path: Path, what: str) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{what} '{path}'{line} is not valid YAML ({getattr(e, 'problem', e)}); fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{what} '{path}' must be a YAML mapping of keys to values")
+    return data
+
+
+def _guess_method(path: Path, raw: dict) -> str:
+    if "dpo" in path.parts or "beta" in raw:
+        return "dpo"
+    return "sft"
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """--set key=value (value parsed as YAML: numbers, bools, lists). Dotted keys reach into sections."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise RecipeError(f"--set '{item}' needs the form key=value, e.g. --set learning_rate=1e-5")
+        key, _, value = item.partition("=")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        out[key.strip()] = parsed
+    return out
+
+
+def _apply_overrides(raw: dict, overrides: dict[str, Any], known: set[str], source: str) -> None:
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head == "ray":
+            if rest not in RAY_FIELDS:
+                raise RecipeError(f"{source} 'ray.{rest}' is not a ray setting{_closest(rest, RAY_FIELDS)}; known: {', '.join(RAY_FIELDS)}")
+            raw.setdefault("ray", {})[rest] = value
+        elif head == "dataset_mixture" and rest:
+            if rest not in MIXTURE_KEYS - {"datasets"}:
+                raise RecipeError(f"{source} 'dataset_mixture.{rest}' is unknown; only seed and test_split_size can be set")
+            raw.setdefault("dataset_mixture", {})[rest] = value
+        elif rest:
+            raise RecipeError(f"{source} '{key}': only ray.* and dataset_mixture.* keys take a dot")
+        else:
+            if key not in known:
+                raise RecipeError(f"{source} '{key}' is not a recipe key{_closest(key, known)}")
+            raw[key] = value
+
+
+def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None, accelerate_config: str | None = None) -> Recipe:
+    """Read, override (--set), split and type-check a recipe and its accelerate config."""
+    name, path, method = resolve_recipe_path(name_or_path)
+    if not path.is_file():
+        raise RecipeError(f"recipe '{name}' points at '{path}', which is missing; set RAYTRAIN_ALIGN_RECIPES to the recipes/ folder")
+    raw = _read_yaml(path, "recipe")
+    method = method or _guess_method(path, raw)
+    if method != "sft":
+        raise RecipeError(f"recipe '{path}' is a {method.upper()} recipe; this version trains SFT recipes only (known: {', '.join(RECIPES)})")
+    model_f, script_f, train_f = _config_fields(method)
+    known = set(model_f) | set(script_f) | set(train_f) | {"ray"}
+    _apply_overrides(raw, overrides or {}, known, "--set")
+
+    recipe = Recipe(name=name, path=path.resolve(), method=method)
+    where = f"recipe '{path}'"
+    for old, new in RENAMED_FIELDS.items():
+        if old in raw and new in known:
+            if new in raw:
+                raise RecipeError(f"{where}: both '{old}' and its new name '{new}' are set; keep only '{new}'")
+            raw[new] = raw.pop(old)
+            recipe.warnings.append(f"warning: '{old}' is now '{new}' in TRL/transformers; translated (rename it in the recipe)")
+    for key, value in raw.items():
+        if key == "ray":
+            if not isinstance(value, dict):
+                raise RecipeError(f"{where}: 'ray:' must be a mapping of {', '.join(RAY_FIELDS)}")
+            for rk, rv in value.items():
+                if rk not in RAY_FIELDS:
+                    raise RecipeError(f"{where}: unknown key 'ray.{rk}'{_closest(rk, RAY_FIELDS)}")
+                if rv is not None:
+                    _check_type(where, f"ray.{rk}", rv, RAY_FIELDS[rk])
+            recipe.ray = dict(value)
+            continue
+        if key not in known:
+            raise RecipeError(f"{where}: unknown key '{key}'{_closest(key, known)}")
+        placed = False
+        for section, fields_ in ((recipe.model, model_f), (recipe.script, script_f), (recipe.training, train_f)):
+            if key in fields_:
+                _check_type(where, key, value, fields_[key])
+                section[key] = value
+                placed = True
+        assert placed
+    _check_mixture(where, recipe.script.get("dataset_mixture"))
+    if not recipe.script.get("dataset_mixture") and not recipe.script.get("dataset_name"):
+        raise RecipeError(f"{where}: needs 'dataset_name' or 'dataset_mixture' (the handbook's data keys)")
+    if not recipe.model.get("model_name_or_path"):
+        raise RecipeError(f"{where}: needs 'model_name_or_path' (a hub id or a local model directory)")
+
+    acc = accelerate_config or recipe.ray.get("accelerate_config") or "recipes/accelerate_configs/zero3.yaml"
+    recipe.accelerate_path = _find_accelerate_config(acc, path)
+    recipe.accelerate = load_accelerate_config(recipe.accelerate_path)
+    return recipe
+
+
+def _find_accelerate_config(acc: str, recipe_path: Path) -> Path:
+    p = Path(acc)
+    tries = [p] if p.is_absolute() else [Path.cwd() / p, recipes_root().parent / p, recipe_path.parent / p]
+    for t in tries:
+        if t.is_file():
+            return t.resolve()
+    raise RecipeError(
+        f"accelerate config '{acc}' not found; pass --accelerate-config recipes/accelerate_configs/zero3.yaml (or fsdp.yaml, ddp.yaml)"
+    )
+
+
+ACCELERATE_BACKENDS = {"DEEPSPEED": "deepspeed", "FSDP": "fsdp", "MULTI_GPU": "ddp", "MULTI_CPU": "ddp", "NO": "ddp"}
+
+
+def load_accelerate_config(path: Path) -> dict:
+    """An accelerate config file, checked against accelerate's own ClusterConfig fields."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    data = _read_yaml(path, "accelerate config")
+    known = {f.name for f in dataclasses.fields(ClusterConfig)}
+    for key in data:
+        if key not in known:
+            raise RecipeError(f"accelerate config '{path}': unknown key '{key}'{_closest(key, known)}")
+    dt = data.get("distributed_type")
+    if dt not in ACCELERATE_BACKENDS:
+        raise RecipeError(
+            f"accelerate config '{path}': distributed_type must be one of {', '.join(ACCELERATE_BACKENDS)}, got {dt!r}"
+        )
+    ds = data.get("deepspeed_config") or {}
+    if dt == "DEEPSPEED":
+        stage = ds.get("zero_stage")
+        if stage not in (0, 1, 2, 3):
+            raise RecipeError(f"accelerate config '{path}': deepspeed_config.zero_stage must be 0-3, got {stage!r}")
+        if ds.get("deepspeed_config_file"):
+            raise RecipeError(
+                f"accelerate config '{path}': deepspeed_config_file is not supported yet; put zero_stage/offload_* keys in deepspeed_config"
+            )
+    for key in ("num_machines", "num_processes"):
+        v = data.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise RecipeError(f"accelerate config '{path}': {key} must be a positive int, got {v!r}")
+    return data

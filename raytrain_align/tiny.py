@@ -1,0 +1,243 @@
+"""The embedded default (`--tiny`): the same recipe on a laptop, with nothing downloaded.
+
+Builds, offline and deterministically: a character-level tokenizer with a ChatML chat template, a tiny
+random-init model of the recipe's architecture family (from a config, saved with `save_pretrained` so the
+real `from_pretrained` path loads it), and small synthetic chat datasets written as JSONL so the real
+`datasets.load_dataset` path reads them. The data is learnable — two-digit addition and a lookup table of
+invented capitals — so training can be shown to improve held-out answers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+TINY_WORKERS = 2
+TINY_VERSION = "v1"  # bump when the generators change, so cached assets are rebuilt
+MODEL_KEYS = {"model_name_or_path", "dtype", "attn_implementation", "trust_remote_code", "model_revision"}
+SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+
+# ChatML with {% generation %} markers, so assistant_only_loss works with the tiny tokenizer too.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}{{- message['content'] + '<|im_end|>' -}}{% endgeneration %}{{- '\n' -}}"
+    "{%- else -%}{{- message['content'] + '<|im_end|>' + '\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
+# Invented countries and capitals for the lookup task (made up for this project).
+_SYLLABLES = ["zor", "vel", "quin", "dra", "mel", "tov", "rix", "sal", "bru", "nep", "kal", "fen", "oru", "lim"]
+
+
+def _family(model_id: str) -> str:
+    s = model_id.lower()
+    if "smollm3" in s:
+        return "smollm3"
+    if "zephyr" in s or "mistral" in s:
+        return "mistral"
+    if "qwen" in s:
+        return "qwen2"
+    return "llama"
+
+
+def tiny_overrides(recipe) -> dict[str, Any]:
+    """What --tiny changes in a recipe; everything else (schedule, packing, loss settings) is kept."""
+    t = recipe.training
+    out: dict[str, Any] = {
+        "dtype": "float32",
+        "attn_implementation": "sdpa",
+        "bf16": False,
+        "fp16": False,
+        "max_length": min(int(t.get("max_length") or 512), 512),
+        # A from-scratch 100k-parameter model needs a far larger step than a 3B fine-tune.
+        "learning_rate": 1e-3,
+        "num_train_epochs": min(float(t.get("num_train_epochs", 3)), 5),
+        "report_to": "none",
+        "dataset_num_proc": None,
+        "save_steps": 0.25 if t.get("save_strategy", "steps") == "steps" else t.get("save_steps", 500),
+        "push_to_hub": False,
+        "log_level": "warning",
+    }
+    if t.get("use_liger_kernel"):
+        out["use_liger_kernel"] = False
+    if t.get("torch_compile"):
+        out["torch_compile"] = False
+    return out
+
+
+def assets_dir(storage_path: str) -> Path:
+    return Path(storage_path) / "_tiny_assets" / TINY_VERSION
+
+
+def tiny_script(recipe, assets: Path) -> dict[str, Any]:
+    """The recipe's mixture with each entry pointed at a local synthetic file (weights and columns kept)."""
+    mix = recipe.script.get("dataset_mixture")
+    entries = mix["datasets"] if mix else [{"id": recipe.script.get("dataset_name"), "weight": 1.0}]
+    tasks = ["addition", "capitals"]
+    datasets_ = []
+    for i, e in enumerate(entries):
+        datasets_.append(
+            {"id": str(assets / "data" / f"{tasks[i % len(tasks)]}.jsonl"), "split": "train",
+             "columns": e.get("columns"), "weight": e.get("weight", 1.0)}
+        )
+    seed = mix.get("seed", 0) if mix else 0
+    test = mix.get("test_split_size") if mix else None
+    return {"dataset_mixture": {"datasets": datasets_, "seed": seed, "test_split_size": test}}
+
+
+# --------------------------------------------------------------------------------------------- generators
+
+
+def _capitals(rng: random.Random, n: int = 24) -> dict[str, str]:
+    names: dict[str, str] = {}
+    while len(names) < n:
+        country = "".join(rng.choice(_SYLLABLES) for _ in range(2)).capitalize() + "ia"
+        city = "".join(rng.choice(_SYLLABLES) for _ in range(2)).capitalize() + rng.choice(["port", "ton", "grad"])
+        names.setdefault(country, city)
+    return names
+
+
+def _addition(a: int, b: int, rng: random.Random) -> list[dict]:
+    q = rng.choice(["What is {a} + {b}?", "Compute {a} + {b}.", "Add {a} and {b}."]).format(a=a, b=b)
+    msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": f"{a} + {b} = {a + b}"}]
+    if rng.random() < 0.3:
+        msgs.insert(0, {"role": "system", "content": "You are a careful calculator."})
+    return msgs
+
+
+def _capital(country: str, city: str, rng: random.Random, held_out: bool) -> list[dict]:
+    forms = ["Which city is the capital of {c}?"] if held_out else ["What is the capital of {c}?", "Name the capital of {c}."]
+    q = rng.choice(forms).format(c=country)
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": f"The capital of {country} is {city}."}]
+
+
+def generate_data(out: Path, n_train: int = 600, n_eval: int = 60, seed: int = 1234) -> None:
+    """Train files per task plus a held-out eval file (unseen sums, unseen question wording)."""
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    rng.shuffle(pairs)
+    eval_pairs, train_pairs = pairs[: n_eval // 2], pairs[n_eval // 2 : n_eval // 2 + n_train]
+    caps = _capitals(rng)
+    countries = sorted(caps)
+    (out / "data").mkdir(parents=True)
+    with open(out / "data" / "addition.jsonl", "w") as f:
+        for a, b in train_pairs:
+            f.write(json.dumps({"messages": _addition(a, b, rng)}) + "\n")
+    with open(out / "data" / "capitals.jsonl", "w") as f:
+        for i in range(n_train):
+            c = countries[i % len(countries)]
+            f.write(json.dumps({"messages": _capital(c, caps[c], rng, False)}) + "\n")
+    with open(out / "eval.jsonl", "w") as f:
+        for a, b in eval_pairs:
+            f.write(json.dumps({"messages": _addition(a, b, rng)}) + "\n")
+        for i in range(n_eval - len(eval_pairs)):
+            c = countries[i % len(countries)]
+            f.write(json.dumps({"messages": _capital(c, caps[c], rng, True)}) + "\n")
+
+
+def build_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n", "\t"]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>", unk_token="<unk>", bos_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_model_config(family: str, vocab_size: int, max_positions: int = 1024):
+    import transformers
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=max_positions, tie_word_embeddings=True,
+        pad_token_id=0, eos_token_id=2, bos_token_id=None,
+    )
+    cls = {"smollm3": "SmolLM3Config", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "llama": "LlamaConfig"}[family]
+    return getattr(transformers, cls)(**common)
+
+
+def materialize(assets: Path, model_id: str) -> Path:
+    """Build tokenizer + model + data under `assets` once (temp dir, then rename). Returns `assets`."""
+    if (assets / "DONE").exists() and (assets / f"model-{_family(model_id)}").exists():
+        return assets
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    family = _family(model_id)
+    tmp = assets.parent / f".{assets.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        if (assets / "DONE").exists():  # data exists, another family's model is missing: add it next to it
+            shutil.copytree(assets, tmp, dirs_exist_ok=True)
+        else:
+            generate_data(tmp)
+        tokenizer = build_tokenizer()
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(build_model_config(family, len(tokenizer)))
+        model.save_pretrained(tmp / f"model-{family}")
+        tokenizer.save_pretrained(tmp / f"model-{family}")
+        (tmp / "DONE").write_text("ok\n")
+        if assets.exists():
+            shutil.rmtree(assets)
+        tmp.rename(assets)
+    except FileExistsError:  # someone else finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return assets
+
+
+def model_dir(assets: Path, model_id: str) -> Path:
+    return assets / f"model-{_family(model_id)}"
+
+
+# --------------------------------------------------------------------------------------------- scoring
+
+
+def answer_nll(model_path: str | Path, eval_file: str | Path, chat_template: str | None = None) -> float:
+    """Mean negative log-likelihood per token of the assistant answers in `eval_file` (lower is better)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    template = chat_template or tok.chat_template
+    total, count = 0.0, 0
+    for line in Path(eval_file).read_text().splitlines():
+        msgs = json.loads(line)["messages"]
+        prompt = tok.apply_chat_template(msgs[:-1], chat_template=template, add_generation_prompt=True, tokenize=False)
+        full = tok.apply_chat_template(msgs, chat_template=template, tokenize=False)
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        ids = tok(full, add_special_tokens=False)["input_ids"]
+        answer = msgs[-1]["content"]
+        a_len = len(tok(answer, add_special_tokens=False)["input_ids"])
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(x).logits[0, :-1].float(), -1)
+        targets = x[0, 1:]
+        start = len(p_ids) - 1  # predicting the first answer token
+        nll = -logp[start : start + a_len].gather(1, targets[start : start + a_len, None]).squeeze(1)
+        total += float(nll.sum())
+        count += a_len
+    return total / max(count, 1)
+
+
+def uniform_nll(vocab_size: int) -> float:
+    return math.log(vocab_size)

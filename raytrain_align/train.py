@@ -1,0 +1,170 @@
+"""Stage 4 of 5: the Ray Train worker — one per GPU (or CPU slot in --tiny).
+
+Each worker sets the environment `accelerate launch --config_file <recipe's accelerate config>` would set,
+so accelerate builds its own DeepSpeed ZeRO-3 (or FSDP) plugin; then it loads the model the way the
+handbook does (under zero.Init for ZeRO-3), builds a TRL SFTTrainer on the already-prepared shards
+(TRL's own preparation skipped) and reports checkpoints and metrics to Ray Train.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+# Keys the handbook adds on top of SFTConfig, consumed before building it.
+NOT_SFT_CONFIG = {"chat_template"}
+
+
+def _quiet(rank: int) -> None:
+    """One copy of each message: rank 0 logs warnings, other ranks only errors."""
+    import datasets
+    import transformers
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    datasets.disable_progress_bars()
+    if rank != 0:
+        warnings.filterwarnings("ignore")
+        transformers.logging.set_verbosity_error()
+    else:
+        transformers.logging.set_verbosity_warning()
+        for pattern in (".*torch_dtype.*", ".*use_cache=True.*", ".*Padding-free training.*", ".*gradient checkpointing.*"):
+            warnings.filterwarnings("ignore", message=pattern)
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "accelerate", "trl"):
+        logging.getLogger(name).setLevel(logging.ERROR if rank else logging.WARNING)
+
+
+def _report_callback():
+    """Commits HF checkpoints to Ray Train storage: one upload per node (its local rank 0 sends the
+    shards written on that node), only after every rank finished writing."""
+    import ray.train
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import get_last_checkpoint
+
+    class RayCheckpointReport(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if dist.is_initialized():
+                dist.barrier()
+            ctx = ray.train.get_context()
+            metrics = {"step": state.global_step, **_last_logs(state.log_history)}
+            ckpt = None
+            if ctx.get_local_rank() == 0:
+                path = get_last_checkpoint(args.output_dir)
+                if path:
+                    ckpt = ray.train.Checkpoint.from_directory(path)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint-{state.global_step:07d}")
+
+    return RayCheckpointReport()
+
+
+def _last_logs(history: list[dict]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for entry in history:
+        out.update({k: v for k, v in entry.items() if isinstance(v, (int, float))})
+    return out
+
+
+def _zero_facts(trainer) -> dict[str, Any]:
+    """What the model really is after the Trainer prepared it: ZeRO stage and whether params are partitioned."""
+    engine = trainer.model_wrapped
+    facts: dict[str, Any] = {"engine": type(engine).__name__}
+    if hasattr(engine, "zero_optimization_stage"):
+        facts["zero_stage"] = int(engine.zero_optimization_stage())
+        params = list(trainer.model.parameters())
+        facts["params_partitioned"] = bool(params) and all(hasattr(p, "ds_id") for p in params)
+        facts["local_param_numel"] = int(sum(p.numel() for p in params))
+        facts["full_param_numel"] = int(sum(getattr(p, "ds_numel", p.numel()) for p in params))
+    return facts
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+
+    from .plan import Plan
+    from .prepare import load_tokenizer, read_prepared
+
+    plan = Plan.from_dict(config["plan"])
+    prepared = config["prepared"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    _quiet(rank)
+    # Exactly the variables `accelerate launch --config_file ...` sets: accelerate builds the plugin from them.
+    os.environ.update(plan.accelerate_env)
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    scratch = Path(tempfile.gettempdir()) / "raytrain_align" / plan.run_name / f"job-{ctx.get_experiment_name()}"
+    training = {k: v for k, v in plan.training.items() if k not in NOT_SFT_CONFIG}
+    training.update(
+        output_dir=str(scratch / "hf"),
+        dataset_kwargs={"skip_prepare_dataset": True},  # prepared by Ray Data already
+        dataset_num_proc=None,
+        ddp_timeout=plan.collective_timeout_s,
+        use_cpu=not plan.use_gpu,
+        disable_tqdm=rank != 0,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        push_to_hub=False,
+    )
+    args = SFTConfig(**training)  # with a DeepSpeed ZeRO-3 plugin, from_pretrained below runs under zero.Init
+
+    m = plan.model
+    dtype = m.get("dtype")
+    model = AutoModelForCausalLM.from_pretrained(
+        m["model_name_or_path"],
+        revision=m.get("model_revision", "main"),
+        trust_remote_code=m.get("trust_remote_code", False),
+        attn_implementation=m.get("attn_implementation"),
+        dtype=getattr(torch, dtype) if dtype not in (None, "auto") else dtype,
+        use_cache=not args.gradient_checkpointing,
+    )
+    tokenizer = load_tokenizer(m["model_name_or_path"], plan.training, m.get("model_revision"), m.get("trust_remote_code", False))
+
+    train_dataset = read_prepared(prepared["path"])
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=[_report_callback()]
+    )
+
+    resume_from = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        resume_from = str(scratch / "resume")
+        if ctx.get_local_rank() == 0:
+            checkpoint.to_directory(resume_from)
+        torch.distributed.barrier()
+
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.time() - t0
+    facts = _zero_facts(trainer)
+
+    # Export a Hugging Face model: with zero3_save_16bit_model the full weights are gathered to rank 0.
+    export = scratch / "export"
+    trainer.model.generation_config.eos_token_id = tokenizer.eos_token_id
+    trainer.model.config.eos_token_id = tokenizer.eos_token_id
+    trainer.save_model(str(export))
+    final_ckpt = None
+    metrics = {"step": trainer.state.global_step, **_last_logs(trainer.state.log_history), **result.metrics}
+    if rank == 0:
+        tokenizer.save_pretrained(str(export))
+        trainer.model.config.use_cache = True
+        trainer.model.config.save_pretrained(str(export))
+        summary = {
+            "metrics": metrics,
+            "log_history": trainer.state.log_history,
+            "facts": facts,
+            "world_size": ctx.get_world_size(),
+            "train_seconds": train_seconds,
+            "prepared": prepared,
+        }
+        (export / "raytrain_align_run.json").write_text(json.dumps(summary, indent=2, default=str))
+        final_ckpt = ray.train.Checkpoint.from_directory(str(export))
+    ray.train.report({**metrics, **{f"fact_{k}": v for k, v in facts.items()}, "final": 1}, checkpoint=final_ckpt,
+                     checkpoint_dir_name="final_model")
