@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+FINAL_DIR = "final_model"  # name of the Ray checkpoint that holds the exported Hugging Face model
+
 
 @dataclass
 class RunSummary:
@@ -86,23 +88,35 @@ def plot_losses(log_history: list[dict], path: Path, title: str) -> str | None:
     return str(path)
 
 
-def summarize(plan, result) -> RunSummary:
+def final_checkpoint(plan):
+    """The run's exported model in storage if this run (same storage + run name) already finished, else None."""
+    import pyarrow.fs
+
+    from ray.train import Checkpoint
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(plan.storage_path)
+    path = f"{root}/{plan.run_name}/{FINAL_DIR}"
+    if fs.get_file_info(f"{path}/raytrain_align_run.json").type == pyarrow.fs.FileType.NotFound:
+        return None
+    return Checkpoint(path, filesystem=fs)
+
+
+def summarize(plan, checkpoint) -> RunSummary:
     """Export the model from the run's final checkpoint and build the end-of-run summary."""
-    if result.checkpoint is None:
+    if checkpoint is None:
         raise RuntimeError(f"run {plan.run_name} finished without a final checkpoint; see the worker logs above")
-    materialize_checkpoint(result.checkpoint, plan.output_dir)
+    materialize_checkpoint(checkpoint, plan.output_dir)
     run = json.loads((Path(plan.output_dir) / "raytrain_align_run.json").read_text())
     metrics, history = run["metrics"], run["log_history"]
     losses = [e["loss"] for e in history if "loss" in e]
     tokens = int(metrics.get("num_tokens") or 0)
     seconds = float(metrics.get("train_runtime") or run["train_seconds"])
     plot = plot_losses(history, Path(plan.output_dir) / "loss.png", f"{plan.recipe} ({plan.run_name})")
-    ckpts = sorted(str(c.path) for c, _ in getattr(result, "best_checkpoints", []) or [])
     return RunSummary(
         recipe=plan.recipe,
         output_dir=plan.output_dir,
         run_dir=f"{plan.storage_path}/{plan.run_name}",
-        checkpoints=ckpts,
+        checkpoints=[checkpoint.path],
         steps=int(metrics.get("step", 0)),
         tokens=tokens,
         seconds=seconds,

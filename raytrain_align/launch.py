@@ -31,10 +31,19 @@ def check_gpus(plan: Plan) -> None:
 
 
 def init_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (a `ray job submit` entrypoint, a head node), else start a local one."""
     import ray
 
     if ray.is_initialized():
         return
+    has_token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or (
+        Path.home() / ".ray" / "auth_token").exists()
+    if os.environ.get("RAY_ADDRESS") and "RAY_AUTH_MODE" not in os.environ and has_token:
+        # Ray 2.60 clusters use token auth by default, but a client joining one only sends the token when asked to.
+        os.environ["RAY_AUTH_MODE"] = "token"
+        from ray._raylet import Config
+
+        Config.initialize("")  # re-read RAY_AUTH_MODE (ray was imported before it was set)
     ray.init(
         logging_level=logging.WARNING,
         log_to_driver=True,
@@ -56,8 +65,11 @@ def run(plan: Plan, log=print):
     from .train import train_loop_per_worker
 
     check_gpus(plan)
-    if not plan.tiny:
-        prepare.check_sources(plan.script)
+    done = export.final_checkpoint(plan)
+    if done is not None:
+        log(f"done          run '{plan.run_name}' already finished in {plan.storage_path}; exporting its model again "
+            "(pass --set run_name=NEW or delete that folder to train anew)")
+        return _finish(plan, done)
     init_ray()
     if plan.tiny:
         assets = tiny.assets_dir(plan.storage_path)
@@ -81,6 +93,12 @@ def run(plan: Plan, log=print):
     )
     log(f"train         {plan.world_size} Ray workers, {plan.backend}, run '{plan.run_name}' in {plan.storage_path}")
     result = trainer.fit()
-    summary = export.summarize(plan, result)
+    return _finish(plan, result.checkpoint)
+
+
+def _finish(plan: Plan, checkpoint):
+    from . import export
+
+    summary = export.summarize(plan, checkpoint)
     (Path(plan.output_dir) / "summary.json").write_text(json.dumps(asdict(summary), indent=2, default=str))
     return summary

@@ -191,6 +191,10 @@ def build_plan(
     storage_path = storage or ray_cfg.get("storage_path") or os.environ.get("RAYTRAIN_ALIGN_STORAGE") or "~/ray_results"
     if "://" not in storage_path:
         storage_path = str(Path(storage_path).expanduser().resolve())
+    if not tiny:
+        from .prepare import check_sources
+
+        check_sources(script)
     if tiny:
         assets = tiny_mod.assets_dir(storage_path)
         script = tiny_mod.tiny_script(recipe, assets)
@@ -251,7 +255,7 @@ def describe(plan: Plan) -> str:
         lines.append(f"data          {plan.script['dataset_name']}")
     t = plan.training
     lines += [
-        f"optimizer     lr {t.get('learning_rate')} {t.get('lr_scheduler_type', 'linear')} warmup_ratio {t.get('warmup_ratio', 0)} max_grad_norm {t.get('max_grad_norm', 1.0)}",
+        f"optimizer     lr {t.get('learning_rate')} {t.get('lr_scheduler_type', 'linear')} warmup {t.get('warmup_steps', 0)} max_grad_norm {t.get('max_grad_norm', 1.0)}",
         f"sequence      max_length {t.get('max_length', 1024)} packing {t.get('packing', False)} epochs {t.get('num_train_epochs', 3)}",
         f"storage       {plan.storage_path}/{plan.run_name}",
         f"output        {plan.output_dir}",

@@ -35,8 +35,36 @@ def _quiet(rank: int) -> None:
         transformers.logging.set_verbosity_warning()
         for pattern in (".*torch_dtype.*", ".*use_cache=True.*", ".*Padding-free training.*", ".*gradient checkpointing.*"):
             warnings.filterwarnings("ignore", message=pattern)
-    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "accelerate", "trl"):
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "accelerate", "trl", "ray.train"):
         logging.getLogger(name).setLevel(logging.ERROR if rank else logging.WARNING)
+
+
+def _progress_callback():
+    """Rank 0 prints one short line about every 5% of the run instead of a dict per step."""
+    from transformers import TrainerCallback
+
+    class ProgressLog(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t0, self.every = time.time(), max(1, state.max_steps // 20)
+            print(f"training      {state.max_steps} steps", flush=True)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            step = state.global_step
+            if not state.is_world_process_zero or "loss" not in (logs or {}):
+                return
+            if step % self.every and step != state.max_steps:
+                return
+            elapsed = time.time() - self.t0
+            eta = elapsed / max(step, 1) * (state.max_steps - step)
+            tok = logs.get("num_tokens")
+            tps = f"  {tok / elapsed:,.0f} tok/s" if tok else ""
+            print(
+                f"step {step:>6}/{state.max_steps} ({step / state.max_steps:4.0%})  loss {logs['loss']:.4f}  "
+                f"lr {logs.get('learning_rate', 0):.2e}{tps}  eta {eta:,.0f}s",
+                flush=True,
+            )
+
+    return ProgressLog()
 
 
 def _report_callback():
@@ -77,8 +105,9 @@ def _zero_facts(trainer) -> dict[str, Any]:
     if hasattr(engine, "zero_optimization_stage"):
         facts["zero_stage"] = int(engine.zero_optimization_stage())
         params = list(trainer.model.parameters())
-        facts["params_partitioned"] = bool(params) and all(hasattr(p, "ds_id") for p in params)
-        facts["local_param_numel"] = int(sum(p.numel() for p in params))
+        # Under ZeRO-3 every parameter has a ds_tensor holding this rank's 1/world share of it.
+        facts["params_partitioned"] = bool(params) and all(hasattr(p, "ds_tensor") for p in params)
+        facts["local_partition_numel"] = int(sum(p.ds_tensor.numel() for p in params if hasattr(p, "ds_tensor")))
         facts["full_param_numel"] = int(sum(getattr(p, "ds_numel", p.numel()) for p in params))
     return facts
 
@@ -86,6 +115,7 @@ def _zero_facts(trainer) -> dict[str, Any]:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
+    from .export import FINAL_DIR
     from .plan import Plan
     from .prepare import load_tokenizer, read_prepared
 
@@ -109,7 +139,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dataset_num_proc=None,
         ddp_timeout=plan.collective_timeout_s,
         use_cpu=not plan.use_gpu,
-        disable_tqdm=rank != 0,
+        disable_tqdm=True,  # ProgressLog prints a line per ~5% instead
         gradient_accumulation_steps=plan.gradient_accumulation_steps,
         push_to_hub=False,
     )
@@ -129,12 +159,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     train_dataset = read_prepared(prepared["path"])
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=[_report_callback()]
+        model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+        callbacks=[_report_callback(), _progress_callback()],
     )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict on rank 0
 
     resume_from = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
+    checkpoint = ray.train.get_checkpoint()  # the latest committed one, after a restart
+    if checkpoint and not checkpoint.path.rstrip("/").endswith(FINAL_DIR):
         resume_from = str(scratch / "resume")
         if ctx.get_local_rank() == 0:
             checkpoint.to_directory(resume_from)
@@ -167,4 +201,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         (export / "raytrain_align_run.json").write_text(json.dumps(summary, indent=2, default=str))
         final_ckpt = ray.train.Checkpoint.from_directory(str(export))
     ray.train.report({**metrics, **{f"fact_{k}": v for k, v in facts.items()}, "final": 1}, checkpoint=final_ckpt,
-                     checkpoint_dir_name="final_model")
+                     checkpoint_dir_name=FINAL_DIR)

@@ -1,0 +1,45 @@
+"""One real local Ray cluster (a head started with `ray start`) shared by every test that needs Ray."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory):
+    """Address of a running local Ray head (2 CPUs, no GPUs), stopped at the end of the session."""
+    port = _free_port()
+    temp = tmp_path_factory.mktemp("ray")
+    r = _ray("start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false",
+             f"--temp-dir={temp}", "--disable-usage-stats", timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    address = f"127.0.0.1:{port}"
+    yield address
+    _ray("stop", "--force", timeout=120)
+
+
+def run_cli(args, env_extra=None, timeout=900):
+    """Run `python -m raytrain_align ...` as a user would; returns CompletedProcess."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "raytrain_align", *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=timeout)
+    proc.seconds = time.time() - t0
+    return proc

@@ -1,0 +1,107 @@
+"""Recipe loading, planning and bad input: no Ray, no GPU, nothing written."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raytrain_align import cli
+
+from .conftest import REPO, run_cli
+
+
+def test_recipes_lists_sft_mid(capsys):
+    assert cli.main(["recipes"]) == 0
+    assert "sft_mid" in capsys.readouterr().out
+
+
+def test_plan_sft_mid_is_64_gpus_gbs_128_zero3(capsys, monkeypatch):
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cli.main(["plan", "sft_mid", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["world_size"] == 64 and plan["nodes"] == 8 and plan["gpus_per_node"] == 8
+    assert plan["gradient_accumulation_steps"] == 2
+    assert plan["global_batch_size"] == 128
+    ds = plan["deepspeed_config"]
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["train_batch_size"] == 128 and ds["train_micro_batch_size_per_gpu"] == 1
+    assert ds["gradient_clipping"] == 0.2 and ds["bf16"]["enabled"] is True
+    assert plan["accelerate_env"]["ACCELERATE_DEEPSPEED_ZERO3_INIT"] == "true"
+    assert plan["training"]["learning_rate"] == 2e-5 and plan["training"]["packing"] is True
+    assert not ray.is_initialized()
+
+
+def test_plan_human_readable_and_handbook_style_override(capsys):
+    assert cli.main(["plan", "sft_mid", "--gradient_accumulation_steps", "4", "--nodes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "world size 16" in out and "GBS 64" in out and '"stage": 3' in out
+
+
+def test_plan_tiny_is_two_cpu_workers(capsys, tmp_path):
+    assert cli.main(["plan", "sft_mid", "--tiny", "--json", "--storage", str(tmp_path / "s")]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["world_size"] == 2 and plan["use_gpu"] is False
+    assert plan["training"]["lr_scheduler_type"] == "cosine_with_min_lr" and plan["training"]["packing"] is True
+    assert not (tmp_path / "s").exists()  # plan writes nothing
+
+
+def _write_recipe(tmp_path, text):
+    base = (REPO / "recipes/smollm3/sft/mid.yaml").read_text()
+    p = tmp_path / "recipe.yaml"
+    p.write_text(base + "\n" + text)
+    return str(p)
+
+
+BAD = {
+    "unknown recipe": (lambda t: ["sft_mdi"], "known recipes: sft_mid"),
+    "unknown yaml key": (lambda t: [_write_recipe(t, "learnig_rate: 1.0e-5")], "did you mean 'learning_rate'"),
+    "wrong type": (lambda t: [_write_recipe(t, "ray:\n  nodes: two")], "'ray.nodes' must be int"),
+    "wrong type trl field": (lambda t: ["sft_mid", "--set", "num_train_epochs=many"], "'num_train_epochs' must be float"),
+    "missing accelerate config": (lambda t: ["sft_mid", "--accelerate-config", "nope.yaml"], "--accelerate-config"),
+    "set unknown key": (lambda t: ["sft_mid", "--set", "lerning_rate=1"], "did you mean 'learning_rate'"),
+    "no gpus": (lambda t: ["sft_mid"], "--tiny"),
+    "missing data path": (lambda t: [_write_missing_data(t)], "does not exist"),
+}
+
+
+def _write_missing_data(tmp_path):
+    text = (REPO / "recipes/smollm3/sft/mid.yaml").read_text()
+    text = text.replace("id: HuggingFaceTB/smoltalk2", f"id: {tmp_path}/no/such/data.jsonl", 1)
+    p = tmp_path / "missing_data.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_one_line_error_exit_2_nothing_written(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    make_args, expected = BAD[case]
+    storage, out = tmp_path / "storage", tmp_path / "out"
+    args = make_args(tmp_path) + ["--storage", str(storage), "--output-dir", str(out)]
+    code = cli.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert expected in err[0], err[0]
+    assert not storage.exists() and not out.exists()
+
+
+def test_bad_input_from_the_real_command():
+    proc = run_cli(["sft_mdi"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: unknown recipe 'sft_mdi' (did you mean 'sft_mid'?); known recipes: sft_mid (or pass a path to a recipe YAML)"
+    ]
+    assert proc.stdout == ""
+
+
+def test_renamed_handbook_field_is_translated_with_one_warning(tmp_path, capsys):
+    recipe = _write_recipe(tmp_path, "")
+    text = Path(recipe).read_text().replace("warmup_steps: 0.03", "warmup_ratio: 0.03")
+    Path(recipe).write_text(text)
+    assert cli.main(["plan", recipe, "--json"]) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["training"]["warmup_steps"] == 0.03
+    assert cap.err.count("warning: 'warmup_ratio' is now 'warmup_steps'") == 1
