@@ -44,11 +44,8 @@ def init_ray() -> None:
         from ray._raylet import Config
 
         Config.initialize("")  # re-read RAY_AUTH_MODE (ray was imported before it was set)
-    ray.init(
-        logging_level=logging.WARNING,
-        log_to_driver=True,
-        runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning"}},
-    )
+    # No runtime_env here: under `ray job submit` it would replace the job's own (its --working-dir).
+    ray.init(logging_level=logging.WARNING, log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.print_on_execution_start = False

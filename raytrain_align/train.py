@@ -73,7 +73,7 @@ def _report_callback():
     import ray.train
     import torch.distributed as dist
     from transformers import TrainerCallback
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     class RayCheckpointReport(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
@@ -83,8 +83,9 @@ def _report_callback():
             metrics = {"step": state.global_step, **_last_logs(state.log_history)}
             ckpt = None
             if ctx.get_local_rank() == 0:
-                path = get_last_checkpoint(args.output_dir)
-                if path:
+                # the folder this save just wrote (not the highest-numbered one: scratch may hold an older run's)
+                path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+                if os.path.isdir(path):
                     ckpt = ray.train.Checkpoint.from_directory(path)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint-{state.global_step:07d}")
 

@@ -67,5 +67,5 @@ def test_summary_plot_and_quiet_logs(tiny_run):
     assert "{'loss'" not in both  # no per-step dict dumps
     assert both.count("step ") < 60  # a progress line per ~5%, not per step
     # Ray Train storage keeps save_total_limit (1) committed checkpoint: the final export
-    kept = [p.name for p in (storage / "smollm3-midtraining-tiny").iterdir() if "checkpoint" in p.name or p.name == "final_model"]
+    kept = [p.name for p in (storage / "smollm3-midtraining-tiny").iterdir() if p.is_dir() and p.name.startswith(("checkpoint-", "final_model"))]
     assert kept == ["final_model"], kept
