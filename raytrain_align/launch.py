@@ -54,7 +54,6 @@ def init_ray() -> None:
 
 def run(plan: Plan, log=print):
     """Train one recipe end to end and return its RunSummary."""
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

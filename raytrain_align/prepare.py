@@ -122,7 +122,6 @@ class SFTTokenizeActor:
         import logging
         import types
 
-        from transformers import AutoTokenizer
         from trl import SFTConfig
         from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 

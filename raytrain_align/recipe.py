@@ -80,12 +80,6 @@ class Recipe:
     accelerate_path: Path | None = None
     warnings: list[str] = field(default_factory=list)  # one line per translated field
 
-    def get(self, key: str, default=None):
-        for section in (self.training, self.model, self.script):
-            if key in section:
-                return section[key]
-        return default
-
 
 # ----------------------------------------------------------------------------------------------- fields
 

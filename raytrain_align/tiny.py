@@ -10,7 +10,6 @@ invented capitals — so training can be shown to improve held-out answers.
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import uuid
@@ -238,6 +237,3 @@ def answer_nll(model_path: str | Path, eval_file: str | Path, chat_template: str
         count += a_len
     return total / max(count, 1)
 
-
-def uniform_nll(vocab_size: int) -> float:
-    return math.log(vocab_size)
