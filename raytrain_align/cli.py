@@ -27,7 +27,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--accelerate-config", "--config_file", dest="accelerate_config",
                    help="accelerate config file (recipes/accelerate_configs/zero3.yaml, fsdp.yaml, ddp.yaml)")
     p.add_argument("--max-failures", type=int, help="worker-group restarts allowed before the run fails")
-    p.add_argument("--json", action="store_true", help="(plan) print the plan as JSON")
+    p.add_argument("--json", action="store_true", help="(plan, prepare) print the result as JSON")
     return p
 
 
@@ -95,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
             launch.init_ray()
             if plan.tiny:
                 tiny.materialize(tiny.assets_dir(plan.storage_path), plan.recipe_model)
-            p = prepare.prepare(plan)
-            print(json.dumps({"key": p.key, "path": p.path, "rows_in": p.rows_in, "rows_out": p.rows_out,
-                              "tokens": p.tokens, "fill_ratio": p.fill_ratio, "reused": p.reused}, indent=2))
+            p = prepare.prepare(plan, log=(lambda _: None) if args.json else print)
+            if args.json:
+                from dataclasses import asdict
+
+                print(json.dumps(asdict(p), indent=2))
             return 0
         from . import launch
         from .plan import describe

@@ -47,9 +47,10 @@ def init_ray() -> None:
     # No runtime_env here: under `ray job submit` it would replace the job's own (its --working-dir).
     ray.init(logging_level=logging.WARNING, log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = False  # prepare.py prints its own progress lines
     ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def run(plan: Plan, log=print):

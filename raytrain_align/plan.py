@@ -45,6 +45,7 @@ class Plan:
     accelerate_config: str
     accelerate_env: dict[str, str]
     deepspeed_config: dict[str, Any] | None
+    data: dict[str, Any] = field(default_factory=dict)  # data preparation options: strict, long_samples
     tiny_overrides: dict[str, Any] = field(default_factory=dict)
     recipe_model: str = ""  # the recipe's own model_name_or_path (before --tiny swapped it)
 
@@ -191,10 +192,9 @@ def build_plan(
     storage_path = storage or ray_cfg.get("storage_path") or os.environ.get("RAYTRAIN_ALIGN_STORAGE") or "~/ray_results"
     if "://" not in storage_path:
         storage_path = str(Path(storage_path).expanduser().resolve())
-    if not tiny:
-        from .prepare import check_sources
+    from .prepare import check_sources
 
-        check_sources(script)
+    check_sources(script)  # local paths only (Hub ids are checked when loaded); --tiny keeps local entries
     if tiny:
         assets = tiny_mod.assets_dir(storage_path)
         script = tiny_mod.tiny_script(recipe, assets)
@@ -206,6 +206,10 @@ def build_plan(
     if "://" not in out:
         out = str(Path(out).expanduser().resolve())
     training["output_dir"] = out
+
+    long_samples = ray_cfg.get("long_samples") or "truncate"
+    if long_samples not in ("truncate", "drop"):
+        raise RecipeError(f"ray.long_samples is '{long_samples}'; use 'truncate' (TRL's behaviour) or 'drop'")
 
     return Plan(
         recipe=recipe.name,
@@ -232,6 +236,7 @@ def build_plan(
         accelerate_config=str(recipe.accelerate_path),
         accelerate_env=env,
         deepspeed_config=ds_cfg,
+        data={"strict": bool(ray_cfg.get("strict_data")), "long_samples": long_samples},
         tiny_overrides=overrides,
         recipe_model=recipe.model["model_name_or_path"],
     )

@@ -36,6 +36,8 @@ RAY_FIELDS: dict[str, Any] = {
     "storage_path": str,  # Ray Train storage: local dir, NFS mount or s3:// URI
     "max_failures": int,  # worker-group restarts allowed (FailureConfig)
     "global_batch_size": int,  # if set, gradient_accumulation_steps is derived from it
+    "strict_data": bool,  # bad rows are an error instead of being dropped and counted
+    "long_samples": str,  # "truncate" (TRL's behaviour) or "drop" rows longer than max_length
 }
 
 # Fields current TRL/transformers renamed: translated with one warning line each, never dropped.

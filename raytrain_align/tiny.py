@@ -77,12 +77,18 @@ def assets_dir(storage_path: str) -> Path:
 
 
 def tiny_script(recipe, assets: Path) -> dict[str, Any]:
-    """The recipe's mixture with each entry pointed at a local synthetic file (weights and columns kept)."""
+    """The recipe's mixture with each Hub entry pointed at a local synthetic file (weights and columns kept);
+    entries that already are local files stay, so --tiny runs a user's own data on the tiny model."""
+    from .prepare import _is_local
+
     mix = recipe.script.get("dataset_mixture")
     entries = mix["datasets"] if mix else [{"id": recipe.script.get("dataset_name"), "weight": 1.0}]
     tasks = ["addition", "capitals"]
     datasets_ = []
     for i, e in enumerate(entries):
+        if _is_local(e["id"]):
+            datasets_.append(dict(e))
+            continue
         datasets_.append(
             {"id": str(assets / "data" / f"{tasks[i % len(tasks)]}.jsonl"), "split": "train",
              "columns": e.get("columns"), "weight": e.get("weight", 1.0)}

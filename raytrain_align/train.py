@@ -125,6 +125,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     _quiet(rank)
+    if rank == 0:
+        import torch.distributed as dist
+
+        print(f"workers       process group formed at {time.strftime('%H:%M:%S')}: world {ctx.get_world_size()}, "
+              f"{dist.get_backend()}, collective timeout {plan.collective_timeout_s}s; data already prepared "
+              f"({prepared['rows_out']:,} rows)", flush=True)
     # Exactly the variables `accelerate launch --config_file ...` sets: accelerate builds the plugin from them.
     os.environ.update(plan.accelerate_env)
 
@@ -159,8 +165,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tokenizer = load_tokenizer(m["model_name_or_path"], plan.training, m.get("model_revision"), m.get("trust_remote_code", False))
 
     train_dataset = read_prepared(prepared["path"])
+    eval_dataset = None
+    if prepared.get("eval_path") and args.eval_strategy != "no":
+        eval_dataset = read_prepared(prepared["eval_path"])
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
         callbacks=[_report_callback(), _progress_callback()],
     )
     from transformers.trainer_callback import PrinterCallback
