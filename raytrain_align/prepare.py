@@ -499,24 +499,29 @@ def tokenize_split(ds, out_dir: str, method: str, tokenizer_path: str, training:
                    options: dict[str, Any], log=print) -> dict:
     """Run the Ray Data pipeline on one split and write Parquet shards to `out_dir`; returns the stats.
     Prints a progress line about every 10% (Ray Data's own bars are off: they flood non-tty logs)."""
+    import logging
     import threading
 
     import ray
 
     n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    n_blocks = max(1, -(-len(ds) // ROWS_PER_BLOCK))
+    n_blocks = -(-len(ds) // ROWS_PER_BLOCK)
     stats = ray.remote(num_cpus=0)(PrepareStats).remote()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same rows -> same shards, in the same order
     ctx.enable_progress_bars = False
-    rd = ray.data.from_huggingface(ds).repartition(n_blocks)  # blocks of <= ROWS_PER_BLOCK rows, one batch each
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled" notice
+    # Blocks of exactly ROWS_PER_BLOCK rows, in order: the batches TRL's own datasets.map would pack.
+    table = ds.with_format("arrow")[:]
+    rd = ray.data.from_arrow([table.slice(i, ROWS_PER_BLOCK) for i in range(0, len(ds), ROWS_PER_BLOCK)] or [table])
     rd = rd.map_batches(
         TokenizeActor,
         fn_constructor_kwargs={"method": method, "tokenizer_path": tokenizer_path, "training": training,
                                "options": options, "stats": stats},
-        batch_size=None,
+        batch_size=None,  # one block, one batch
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(n_cpus, n_blocks)),
+        # A fixed pool spread over the cluster's nodes: one actor per CPU, but one CPU left for the writer tasks.
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(n_cpus - 1, n_blocks))),
         num_cpus=1,
     )
     failure: list[BaseException] = []
@@ -556,6 +561,8 @@ def prepare(plan, log=print) -> Prepared:
     key = cache_key(spec)
     final = root / key
     manifest = final / "manifest.json"
+    if root.exists():
+        _remove_abandoned(root, log)
     if manifest.exists():
         prepared = Prepared(**json.loads(manifest.read_text()))
         prepared.reused = True
@@ -563,7 +570,6 @@ def prepare(plan, log=print) -> Prepared:
         return prepared
 
     root.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(root, log)
     t0 = time.time()
     tmp = root / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)

@@ -35,6 +35,16 @@ def ray_address(tmp_path_factory):
     _ray("stop", "--force", timeout=120)
 
 
+@pytest.fixture(scope="session")
+def two_nodes(ray_address):
+    """The session head plus a second raylet (2 CPUs, resource `second_node`): a 2-node cluster on one machine.
+    Stays up for the rest of the session (stopped with the head)."""
+    r = _ray("start", f"--address={ray_address}", "--num-cpus=2", "--num-gpus=0", '--resources={"second_node": 1}',
+             "--disable-usage-stats", timeout=180, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    yield ray_address
+
+
 def run_cli(args, env_extra=None, timeout=900):
     """Run `python -m raytrain_align ...` as a user would; returns CompletedProcess."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}

@@ -1,0 +1,164 @@
+"""Data preparation through real Ray Data on a 2-node local cluster: exact TRL parity of the distributed
+pipeline (packing included), the no-timeout property, both nodes used, and the cache's reuse and atomicity."""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+
+from raytrain_align import prepare, tiny
+
+from . import prep_data
+from .conftest import REPO, run_cli
+from .test_prepare import SMOL, trl_prepared
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_client(two_nodes):
+    import ray
+
+    from raytrain_align import launch
+
+    os.environ["RAY_ADDRESS"] = two_nodes
+    try:
+        launch.init_ray()
+        yield ray
+    finally:
+        ray.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
+
+
+def test_ray_data_pipeline_equals_trl(ray_client, tmp_path):
+    """2,500 awkward rows packed across Ray Data blocks on 2 nodes == what TRL's SFTTrainer prepares
+    from the same rows in one process; the same for DPO pairs."""
+    from transformers import AutoModelForCausalLM
+
+    assets = tiny.materialize(tmp_path / "assets", SMOL)
+    tok_dir = str(tiny.model_dir(assets, SMOL))
+    model = AutoModelForCausalLM.from_pretrained(tok_dir)
+
+    rows = prep_data.tricky_messages(2500)
+    training = {"chat_template": prep_data.THINK_TEMPLATE, "assistant_only_loss": True, "packing": True, "max_length": 256}
+    stats = prepare.tokenize_split(datasets.Dataset.from_list(rows), str(tmp_path / "sft"), "sft", tok_dir, training, {},
+                                   log=lambda _: None)
+    assert stats["rows"] == 2500 and not stats["drops"]
+    ours = prepare.read_prepared(str(tmp_path / "sft"))
+    theirs = trl_prepared("sft", rows, tok_dir, model, tmp_path, training)
+    for col in ("input_ids", "labels", "seq_lengths"):
+        assert ours[col] == theirs[col], col
+
+    pairs = prep_data.preferences(300)
+    training = {"chat_template": prep_data.THINK_TEMPLATE, "max_length": 64}
+    prepare.tokenize_split(datasets.Dataset.from_list(pairs), str(tmp_path / "dpo"), "dpo", tok_dir, training, {},
+                           log=lambda _: None)
+    ours = prepare.read_prepared(str(tmp_path / "dpo"))
+    theirs = trl_prepared("dpo", pairs, tok_dir, model, tmp_path, training)
+    assert len(ours) == len(theirs) < 300
+    for col in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        assert ours[col] == theirs[col], col
+
+
+N_ROWS = 60_000  # about a minute of preparation on 2 cores: clearly longer than the 30 s collective timeout
+
+
+@pytest.fixture(scope="module")
+def slow_recipe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slow_prep")
+    rng = random.Random(7)
+    with open(root / "sums.jsonl", "w") as f:
+        for _ in range(N_ROWS):
+            a, b = rng.randrange(10, 1000), rng.randrange(10, 1000)
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                                             {"role": "assistant", "content": f"{a} + {b} = {a + b}"}]}) + "\n")
+    recipe = root / "sums.yaml"
+    recipe.write_text(
+        "model_name_or_path: HuggingFaceTB/SmolLM3-3B\n"
+        f"dataset_mixture:\n  datasets:\n    - id: {root / 'sums.jsonl'}\n  seed: 0\n"
+        "packing: true\nmax_length: 512\nper_device_train_batch_size: 2\nmax_steps: 3\nsave_strategy: 'no'\n"
+        "ddp_timeout: 30\nrun_name: sums\n"
+    )
+    return root, recipe
+
+
+@pytest.fixture(scope="module")
+def slow_run(two_nodes, slow_recipe):
+    root, recipe = slow_recipe
+    storage = root / "storage"
+    proc = run_cli([str(recipe), "--tiny", "--storage", str(storage), "--output-dir", str(root / "model")],
+                   env_extra={"RAY_ADDRESS": two_nodes})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    manifests = list((storage / "prepared").glob("*/manifest.json"))
+    assert len(manifests) == 1
+    return proc, storage, json.loads(manifests[0].read_text())
+
+
+def test_no_collective_waits_on_data(slow_run):
+    """Preparation took longer than the collective timeout, the run still succeeded, and the process group
+    was formed only after preparation had finished."""
+    proc, _, manifest = slow_run
+    assert manifest["seconds"] > 30, f"preparation took {manifest['seconds']}s: make the dataset larger for this machine"
+    out = proc.stdout
+    prepared_at = re.search(r"finished at (\d\d:\d\d:\d\d)", out)
+    formed = re.search(r"process group formed at (\d\d:\d\d:\d\d): world 2, gloo, collective timeout 30s", out)
+    assert prepared_at and formed, out[-3000:]
+    assert prepared_at.start() < formed.start() and prepared_at.group(1) <= formed.group(1)
+    assert "steps" in out and "Traceback" not in proc.stderr
+
+
+def test_preparation_used_both_nodes(slow_run):
+    _, _, manifest = slow_run
+    assert manifest["nodes"] == 2
+    assert manifest["rows_in"] == N_ROWS and manifest["drops"] == {}
+    assert 0.9 < manifest["fill_ratio"] <= 1.0
+
+
+def test_cache_reused_and_killed_preparation_leaves_nothing(two_nodes, slow_recipe, slow_run):
+    root, recipe = slow_recipe
+    _, storage, manifest = slow_run
+    env = {"RAY_ADDRESS": two_nodes}
+    again = run_cli(["prepare", str(recipe), "--tiny", "--storage", str(storage), "--json"], env_extra=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    reused = json.loads(again.stdout[again.stdout.index("{"):])
+    assert reused["reused"] is True and reused["key"] == manifest["key"]
+    assert "TokenizeActor" not in again.stdout + again.stderr  # no Ray Data actor started: nothing tokenized
+
+    # A preparation with another chat template (so another key), killed mid-way.
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raytrain_align", "prepare", str(recipe), "--tiny", "--storage", str(storage),
+         "--set", f"chat_template={template}"],
+        cwd=REPO, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if re.search(r"data +\d+% ", line):  # tokenizing is under way
+                break
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert any("%" in line for line in seen), "".join(seen)[-2000:]
+    prepared = storage / "prepared"
+    finished = sorted(p.name for p in prepared.iterdir() if not p.name.startswith("."))
+    leftovers = [p.name for p in prepared.iterdir() if p.name.startswith(".")]
+    assert finished == [manifest["key"]]  # no entry for the killed preparation
+    assert len(leftovers) == 1 and not leftovers[0].startswith(f".{manifest['key']}")  # its key differs
+    assert not (prepared / leftovers[0] / "manifest.json").exists()
+
+    time.sleep(1)
+    cleanup = run_cli(["prepare", str(recipe), "--tiny", "--storage", str(storage)], env_extra=env)
+    assert cleanup.returncode == 0
+    assert "left half-written by a preparation that was killed" in cleanup.stdout
+    assert [p.name for p in prepared.iterdir()] == [manifest["key"]]
