@@ -21,6 +21,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,22 +52,42 @@ def token_count(table_or_ds) -> int:
     return sum(len(x) for x in col)
 
 
-def run_ray(ds, tok_dir, training, out_root) -> tuple[float, int]:
-    from raytrain_align import prepare
+def one_run(path: str, rows: int, cores: int, max_length: int, work: Path) -> dict:
+    """One timed preparation in this (fresh) process; prints nothing but its JSON result."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = tempfile.mkdtemp(dir=out_root)
-    t0 = time.perf_counter()
-    prepare.tokenize_split(ds, out, "sft", tok_dir, training, {}, log=lambda _: None)
-    seconds = time.perf_counter() - t0
-    return seconds, token_count(prepare.read_prepared(out))
+    from raytrain_align import prepare, tiny
 
+    datasets.disable_progress_bars()
+    assets = tiny.materialize(work / "assets", "HuggingFaceTB/SmolLM3-3B")
+    tok_dir = str(tiny.model_dir(assets, "HuggingFaceTB/SmolLM3-3B"))
+    ds = datasets.Dataset.from_list(make_rows(rows))
+    training = {"assistant_only_loss": True, "packing": True, "max_length": max_length}
+    if path == "ray_data":
+        import ray
 
-def run_trl(ds, trainer, cores) -> tuple[float, int]:
-    trainer.args.dataset_num_proc = cores
-    t0 = time.perf_counter()
-    out = trainer._prepare_dataset(ds, trainer.processing_class, trainer.args, True, None, "bench")
-    seconds = time.perf_counter() - t0
-    return seconds, token_count(out)
+        ray.init(num_cpus=cores, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        out = tempfile.mkdtemp(dir=work)
+        t0 = time.perf_counter()
+        prepare.tokenize_split(ds, out, "sft", tok_dir, training, {}, log=lambda _: None)
+        seconds = time.perf_counter() - t0
+        tokens = token_count(prepare.read_prepared(out))
+        ray.shutdown()
+    else:  # TRL's own preparation, as a real SFTTrainer runs it, with dataset_num_proc = cores
+        from trl import SFTConfig, SFTTrainer
+
+        trainer = SFTTrainer(
+            model=AutoModelForCausalLM.from_pretrained(tok_dir),
+            args=SFTConfig(output_dir=str(work / "trl"), report_to="none", bf16=False, use_cpu=True,
+                           shuffle_dataset=False, dataset_num_proc=cores, **training),
+            train_dataset=ds.select(range(10)), processing_class=AutoTokenizer.from_pretrained(tok_dir),
+        )
+        t0 = time.perf_counter()
+        out = trainer._prepare_dataset(ds, trainer.processing_class, trainer.args, True, None, "bench")
+        seconds = time.perf_counter() - t0
+        tokens = token_count(out)
+    return {"seconds": round(seconds, 2), "tokens": tokens, "tokens_per_s_per_core": round(tokens / seconds / cores, 1)}
 
 
 def main() -> int:
@@ -76,42 +97,33 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--one", choices=["ray_data", "trl"], help=argparse.SUPPRESS)  # internal: one timed run
+    ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one_run(args.one, args.rows, args.cores, args.max_length, Path(args.work))))
+        return 0
 
     import datasets
     import ray
     import trl
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
 
-    from raytrain_align import tiny
-
-    datasets.disable_progress_bars()
     work = Path(tempfile.mkdtemp(prefix="prep_bench_"))
-    assets = tiny.materialize(work / "assets", "HuggingFaceTB/SmolLM3-3B")
-    tok_dir = str(tiny.model_dir(assets, "HuggingFaceTB/SmolLM3-3B"))
-    ds = datasets.Dataset.from_list(make_rows(args.rows))
-    training = {"assistant_only_loss": True, "packing": True, "max_length": args.max_length}
-
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    trainer = SFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(tok_dir),
-        args=SFTConfig(output_dir=str(work / "trl"), report_to="none", bf16=False, use_cpu=True, shuffle_dataset=False,
-                       **training),
-        train_dataset=ds.select(range(10)), processing_class=tok,
-    )
-    ray.init(num_cpus=args.cores, include_dashboard=False, logging_level="WARNING")
-
     runs = {"ray_data": [], "trl": []}
     for i in range(args.repeats):
-        for path in ("ray_data", "trl"):  # alternate A B A B
-            seconds, tokens = run_ray(ds, tok_dir, training, work) if path == "ray_data" else run_trl(ds, trainer, args.cores)
-            runs[path].append({"seconds": round(seconds, 2), "tokens": tokens,
-                               "tokens_per_s_per_core": round(tokens / seconds / args.cores, 1)})
-            print(f"repeat {i + 1} {path:8s} {seconds:7.1f}s  {tokens:,} tokens  "
-                  f"{tokens / seconds / args.cores:,.0f} tokens/s/core", flush=True)
-    ray.shutdown()
+        for path in ("ray_data", "trl"):  # alternate A B A B, each run in a fresh process
+            cmd = [sys.executable, __file__, "--one", path, "--rows", str(args.rows), "--cores", str(args.cores),
+                   "--max-length", str(args.max_length), "--work", str(work)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                sys.stderr.write(proc.stderr[-3000:])
+                return 1
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[path].append(r)
+            print(f"repeat {i + 1} {path:8s} {r['seconds']:7.1f}s  {r['tokens']:,} tokens  "
+                  f"{r['tokens_per_s_per_core']:,.0f} tokens/s/core", flush=True)
     assert runs["ray_data"][0]["tokens"] == runs["trl"][0]["tokens"], "both paths must produce the same tokens"
+    training = {"assistant_only_loss": True, "packing": True, "max_length": args.max_length}
 
     med = {p: statistics.median(r["tokens_per_s_per_core"] for r in runs[p]) for p in runs}
     result = {

@@ -252,10 +252,13 @@ class TokenizeActor:
 
     Per block: drop rows TRL would crash on (counted by reason), tokenize and build labels with TRL
     (no truncation yet), optionally drop over-long rows (`ray.long_samples: drop`), then let TRL truncate
-    or pack them exactly as its trainer would. Block statistics go to a small stats actor.
+    or pack them exactly as its trainer would. With `out_dir`, each block is written there as
+    `part-<block>.parquet` by the actor itself (no separate write tasks to start on a busy node) and only a
+    one-row summary goes back; without it (in-process use) the prepared rows are returned.
     """
 
-    def __init__(self, method: str, tokenizer_path: str, training: dict[str, Any], options: dict[str, Any], stats=None):
+    def __init__(self, method: str, tokenizer_path: str, training: dict[str, Any], options: dict[str, Any],
+                 out_dir: str | None = None):
         import logging
         import types
         import warnings
@@ -263,11 +266,13 @@ class TokenizeActor:
         import datasets
         from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
+        # One actor per CPU already: the tokenizer's own thread pool would only oversubscribe the cores.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         logging.getLogger("trl").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' field renames, once per actor
         datasets.disable_progress_bars()
         datasets.logging.set_verbosity_error()
-        self.method, self.options, self.stats = method, options, stats
+        self.method, self.options, self.out_dir = method, options, out_dir
         self.local_stats = PrepareStats()
         self.tok = load_tokenizer(tokenizer_path, training)
         fields = {k: training[k] for k in DATA_FIELDS[method] if training.get(k) is not None}
@@ -319,6 +324,10 @@ class TokenizeActor:
 
         drops: Counter = Counter()
         examples: dict[str, list[str]] = {}
+        block = None
+        if "_block" in batch.column_names:  # set by tokenize_split: this block's place in the order
+            block = batch.column("_block")[0].as_py()
+            batch = batch.drop_columns(["_block"])
 
         def drop(reason: str, row: dict | None) -> None:
             drops[reason] += 1
@@ -368,28 +377,37 @@ class TokenizeActor:
                 if not getattr(self.args, "packing", False) and len(finished) < n_before:
                     drops["no_loss_tokens_after_truncation"] += n_before - len(finished)
                 columns = [c for c in OUTPUT_COLUMNS[self.method] if c in finished.column_names]
-                out = finished.with_format("arrow")[:].select(columns)
+                out = _int32(finished.with_format("arrow")[:].select(columns))
         if out is None:
             out = _empty_output(self.method, bool(getattr(self.args, "packing", False)))
+        if self.out_dir is None:  # called in-process (tests, notebooks): keep the counts here
+            self.local_stats.add(len(rows), drops, examples, "local")
+            return out
+        import pyarrow.parquet as pq
         import ray
 
-        if self.stats is None:  # called in-process (tests, notebooks): keep the counts here
-            self.local_stats.add(len(rows), drops, examples, "local")
-        else:
-            ray.get(self.stats.add.remote(len(rows), drops, examples, ray.get_runtime_context().get_node_id()))
-        return out
+        pq.write_table(out, os.path.join(self.out_dir, f"part-{block:06d}.parquet"))
+        return pa.table({"rows": [len(rows)], "rows_out": [out.num_rows], "drops": [json.dumps(drops)],
+                         "examples": [json.dumps(examples)], "node": [ray.get_runtime_context().get_node_id()]})
+
+
+def _int32(table):
+    """Token ids, labels and lengths as int32: half the bytes to move, store and hold in each worker."""
+    import pyarrow as pa
+
+    return table.cast(pa.schema([pa.field(name, pa.list_(pa.int32())) for name in table.column_names]))
 
 
 def _empty_output(method: str, packing: bool):
     import pyarrow as pa
 
-    ids = pa.list_(pa.int64())
+    ids = pa.list_(pa.int32())
     names = [c for c in OUTPUT_COLUMNS[method] if c != "seq_lengths" or packing]
     return pa.table({c: pa.array([], ids) for c in names})
 
 
 class PrepareStats:
-    """Collects per-block counts from the tokenize actors (drops by reason, nodes used)."""
+    """Adds up the per-block counts of the tokenize actors (drops by reason, nodes used)."""
 
     def __init__(self):
         self.rows = 0
@@ -497,57 +515,46 @@ def _remove_abandoned(root: Path, log) -> None:
 
 def tokenize_split(ds, out_dir: str, method: str, tokenizer_path: str, training: dict[str, Any],
                    options: dict[str, Any], log=print) -> dict:
-    """Run the Ray Data pipeline on one split and write Parquet shards to `out_dir`; returns the stats.
+    """Run the Ray Data pipeline on one split, writing Parquet shards to `out_dir`; returns the counts.
     Prints a progress line about every 10% (Ray Data's own bars are off: they flood non-tty logs)."""
     import logging
-    import threading
 
+    import pyarrow as pa
     import ray
 
     n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     n_blocks = -(-len(ds) // ROWS_PER_BLOCK)
-    stats = ray.remote(num_cpus=0)(PrepareStats).remote()
     ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # same rows -> same shards, in the same order
     ctx.enable_progress_bars = False
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled" notice
-    # Blocks of exactly ROWS_PER_BLOCK rows, in order: the batches TRL's own datasets.map would pack.
+    os.makedirs(out_dir, exist_ok=True)
+    # Blocks of exactly ROWS_PER_BLOCK rows, numbered in order: the batches TRL's own datasets.map would pack.
     table = ds.with_format("arrow")[:]
-    rd = ray.data.from_arrow([table.slice(i, ROWS_PER_BLOCK) for i in range(0, len(ds), ROWS_PER_BLOCK)] or [table])
-    rd = rd.map_batches(
+    blocks = []
+    for b in range(n_blocks):
+        part = table.slice(b * ROWS_PER_BLOCK, ROWS_PER_BLOCK)
+        blocks.append(part.append_column("_block", pa.array([b] * part.num_rows, pa.int32())))
+    rd = ray.data.from_arrow(blocks).map_batches(
         TokenizeActor,
         fn_constructor_kwargs={"method": method, "tokenizer_path": tokenizer_path, "training": training,
-                               "options": options, "stats": stats},
+                               "options": options, "out_dir": out_dir},
         batch_size=None,  # one block, one batch
         batch_format="pyarrow",
-        # A fixed pool spread over the cluster's nodes: one actor per CPU, but one CPU left for the writer tasks.
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(n_cpus - 1, n_blocks))),
+        # A fixed pool spread over the cluster's nodes, one actor per CPU (at most one per block).
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(n_cpus, n_blocks))),
         num_cpus=1,
     )
-    failure: list[BaseException] = []
-
-    def write():
-        try:
-            rd.write_parquet(out_dir)
-        except BaseException as e:  # re-raised in the caller's thread
-            failure.append(e)
-
-    t0, shown = time.time(), 0.0
-    writer = threading.Thread(target=write, daemon=True)
-    writer.start()
-    while writer.is_alive():
-        writer.join(timeout=2)
-        done = ray.get(stats.get.remote())["rows"]
-        frac = done / max(len(ds), 1)
-        if writer.is_alive() and done and frac - shown >= 0.1:
+    totals, t0, shown = PrepareStats(), time.time(), 0.0
+    for summary in rd.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in summary.to_pylist():
+            totals.add(row["rows"], json.loads(row["drops"]), json.loads(row["examples"]), row["node"])
+        frac = totals.rows / max(len(ds), 1)
+        if frac - shown >= 0.1 and frac < 1:
             shown = frac
-            rate = done / (time.time() - t0)
-            log(f"data          {frac:4.0%} {done:,}/{len(ds):,} rows  {rate:,.0f} rows/s  eta {(len(ds) - done) / rate:,.0f}s")
-    if failure:
-        raise failure[0]
-    result = ray.get(stats.get.remote())
-    ray.kill(stats)
-    return result
+            rate = totals.rows / (time.time() - t0)
+            log(f"data          {frac:4.0%} {totals.rows:,}/{len(ds):,} rows  {rate:,.0f} rows/s  "
+                f"eta {(len(ds) - totals.rows) / rate:,.0f}s")
+    return totals.get()
 
 
 def prepare(plan, log=print) -> Prepared:

@@ -1,7 +1,7 @@
 """Stage 1 of 5: read a recipe in the alignment-handbook's format and check every key before anything runs.
 
 A recipe is one YAML file of TRL fields (`trl.ModelConfig`, the handbook's `ScriptArguments` with
-`dataset_mixture`, `trl.SFTConfig` plus the handbook's `chat_template`) and an optional `ray:` section
+`dataset_mixture`, `trl.SFTConfig` or `trl.DPOConfig` plus the handbook's `chat_template`) and an optional `ray:` section
 for where and how to run. The launch backend comes from an accelerate config file in the handbook's
 format. Unknown keys and wrong types are refused here with a one-line hint, never dropped silently.
 """
@@ -25,6 +25,7 @@ from .errors import RecipeError
 # Registered recipe names -> (path under recipes/, training method).
 RECIPES: dict[str, tuple[str, str]] = {
     "sft_mid": ("smollm3/sft/mid.yaml", "sft"),
+    "dpo_apo_zero": ("smollm3/dpo/apo.yaml", "dpo"),
 }
 
 # The `ray:` section. CLI flags override it; the handbook's keys keep their meaning.
@@ -73,7 +74,7 @@ class Recipe:
 
     name: str
     path: Path
-    method: str  # "sft" (DPO arrives with the DPO trainer)
+    method: str  # "sft" or "dpo": which TRL config/trainer the training keys belong to
     model: dict[str, Any] = field(default_factory=dict)  # trl.ModelConfig fields
     script: dict[str, Any] = field(default_factory=dict)  # dataset_name / dataset_mixture / splits
     training: dict[str, Any] = field(default_factory=dict)  # trl.SFTConfig fields + chat_template
@@ -97,7 +98,7 @@ def _config_fields(method: str) -> tuple[dict, dict, dict]:
 
     model = hints(trl.ModelConfig)
     script = {**hints(ScriptArguments), **HANDBOOK_SCRIPT_FIELDS}
-    config_cls = {"sft": trl.SFTConfig}[method]
+    config_cls = {"sft": trl.SFTConfig, "dpo": trl.DPOConfig}[method]
     training = {**hints(config_cls), **HANDBOOK_TRAIN_FIELDS}
     # ModelConfig and SFTConfig share a few names (e.g. trust_remote_code): both receive them.
     return model, script, training
@@ -125,7 +126,9 @@ def _matches(value, tp) -> bool:
         return value is None
     if origin in (list, tuple, set):
         args = typing.get_args(tp)
-        return isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
+        if not isinstance(value, list):  # TRL configs accept one value for a list field (e.g. loss_type: apo_zero)
+            return bool(args) and _matches(value, args[0])
+        return not args or all(_matches(v, args[0]) for v in value)
     if origin is dict or tp is dict:
         return isinstance(value, dict)
     if isinstance(tp, type) and issubclass(tp, Enum):
@@ -256,8 +259,6 @@ def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None, acce
         raise RecipeError(f"recipe '{name}' points at '{path}', which is missing; set RAYTRAIN_ALIGN_RECIPES to the recipes/ folder")
     raw = _read_yaml(path, "recipe")
     method = method or _guess_method(path, raw)
-    if method != "sft":
-        raise RecipeError(f"recipe '{path}' is a {method.upper()} recipe; this version trains SFT recipes only (known: {', '.join(RECIPES)})")
     model_f, script_f, train_f = _config_fields(method)
     known = set(model_f) | set(script_f) | set(train_f) | {"ray"}
     _apply_overrides(raw, overrides or {}, known, "--set")

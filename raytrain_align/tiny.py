@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 TINY_WORKERS = 2
-TINY_VERSION = "v1"  # bump when the generators change, so cached assets are rebuilt
+TINY_VERSION = "v2"  # bump when the generators change, so cached assets are rebuilt
 MODEL_KEYS = {"model_name_or_path", "dtype", "attn_implementation", "trust_remote_code", "model_revision"}
 SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<unk>"]
 
@@ -65,6 +65,10 @@ def tiny_overrides(recipe) -> dict[str, Any]:
         "push_to_hub": False,
         "log_level": "warning",
     }
+    if recipe.method == "dpo":
+        out["padding_free"] = False  # needs flash-attention kernels the CPU does not have
+    if recipe.model.get("model_revision"):
+        out["model_revision"] = "main"  # the tiny model is a local folder without the recipe's revisions
     if t.get("use_liger_kernel"):
         out["use_liger_kernel"] = False
     if t.get("torch_compile"):
@@ -83,7 +87,7 @@ def tiny_script(recipe, assets: Path) -> dict[str, Any]:
 
     mix = recipe.script.get("dataset_mixture")
     entries = mix["datasets"] if mix else [{"id": recipe.script.get("dataset_name"), "weight": 1.0}]
-    tasks = ["addition", "capitals"]
+    tasks = ["preferences"] if recipe.method == "dpo" else ["addition", "capitals"]
     datasets_ = []
     for i, e in enumerate(entries):
         if _is_local(e["id"]):
@@ -118,6 +122,14 @@ def _addition(a: int, b: int, rng: random.Random) -> list[dict]:
     return msgs
 
 
+def _preference(a: int, b: int, rng: random.Random) -> dict:
+    """A DPO pair: the right sum is chosen, an off-by-a-little one rejected."""
+    wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
+    prompt = [{"role": "user", "content": rng.choice(["What is {a} + {b}?", "Add {a} and {b}."]).format(a=a, b=b)}]
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": f"{a} + {b} = {a + b}"}],
+            "rejected": [{"role": "assistant", "content": f"{a} + {b} = {wrong}"}]}
+
+
 def _capital(country: str, city: str, rng: random.Random, held_out: bool) -> list[dict]:
     forms = ["Which city is the capital of {c}?"] if held_out else ["What is the capital of {c}?", "Name the capital of {c}."]
     q = rng.choice(forms).format(c=country)
@@ -133,13 +145,20 @@ def generate_data(out: Path, n_train: int = 600, n_eval: int = 60, seed: int = 1
     caps = _capitals(rng)
     countries = sorted(caps)
     (out / "data").mkdir(parents=True)
+    kwargs = {"chat_template_kwargs": {"enable_thinking": False}}  # the column smoltalk2 carries
     with open(out / "data" / "addition.jsonl", "w") as f:
         for a, b in train_pairs:
-            f.write(json.dumps({"messages": _addition(a, b, rng)}) + "\n")
+            f.write(json.dumps({"messages": _addition(a, b, rng), **kwargs}) + "\n")
     with open(out / "data" / "capitals.jsonl", "w") as f:
         for i in range(n_train):
             c = countries[i % len(countries)]
-            f.write(json.dumps({"messages": _capital(c, caps[c], rng, False)}) + "\n")
+            f.write(json.dumps({"messages": _capital(c, caps[c], rng, False), **kwargs}) + "\n")
+    with open(out / "data" / "preferences.jsonl", "w") as f:
+        for a, b in train_pairs:
+            f.write(json.dumps({**_preference(a, b, rng), **kwargs}) + "\n")
+    with open(out / "eval_pairs.jsonl", "w") as f:
+        for a, b in eval_pairs:
+            f.write(json.dumps(_preference(a, b, rng)) + "\n")
     with open(out / "eval.jsonl", "w") as f:
         for a, b in eval_pairs:
             f.write(json.dumps({"messages": _addition(a, b, rng)}) + "\n")
@@ -216,30 +235,48 @@ def model_dir(assets: Path, model_id: str) -> Path:
 # --------------------------------------------------------------------------------------------- scoring
 
 
-def answer_nll(model_path: str | Path, eval_file: str | Path, chat_template: str | None = None) -> float:
-    """Mean negative log-likelihood per token of the assistant answers in `eval_file` (lower is better)."""
+def _answer_logprob(model, tok, template, prompt: list[dict], answer: list[dict]) -> tuple[float, int]:
+    """Sum of log-probabilities of the answer's content tokens after the prompt, and their count."""
+    import torch
+
+    text = tok.apply_chat_template(prompt, chat_template=template, add_generation_prompt=True, tokenize=False)
+    full = tok.apply_chat_template(prompt + answer, chat_template=template, tokenize=False)
+    p_ids = tok(text, add_special_tokens=False)["input_ids"]
+    ids = tok(full, add_special_tokens=False)["input_ids"]
+    a_len = len(tok(answer[-1]["content"], add_special_tokens=False)["input_ids"])
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(x).logits[0, :-1].float(), -1)
+    start = len(p_ids) - 1  # the position predicting the first answer token
+    picked = logp[start : start + a_len].gather(1, x[0, 1:][start : start + a_len, None])
+    return float(picked.sum()), a_len
+
+
+def _load(model_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    template = chat_template or tok.chat_template
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(model_path)
+
+
+def answer_nll(model_path: str | Path, eval_file: str | Path, chat_template: str | None = None) -> float:
+    """Mean negative log-likelihood per token of the assistant answers in `eval_file` (lower is better)."""
+    model, tok = _load(model_path)
     total, count = 0.0, 0
     for line in Path(eval_file).read_text().splitlines():
         msgs = json.loads(line)["messages"]
-        prompt = tok.apply_chat_template(msgs[:-1], chat_template=template, add_generation_prompt=True, tokenize=False)
-        full = tok.apply_chat_template(msgs, chat_template=template, tokenize=False)
-        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        ids = tok(full, add_special_tokens=False)["input_ids"]
-        answer = msgs[-1]["content"]
-        a_len = len(tok(answer, add_special_tokens=False)["input_ids"])
-        x = torch.tensor([ids])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(x).logits[0, :-1].float(), -1)
-        targets = x[0, 1:]
-        start = len(p_ids) - 1  # predicting the first answer token
-        nll = -logp[start : start + a_len].gather(1, targets[start : start + a_len, None]).squeeze(1)
-        total += float(nll.sum())
-        count += a_len
+        logp, n = _answer_logprob(model, tok, chat_template or tok.chat_template, msgs[:-1], msgs[-1:])
+        total, count = total - logp, count + n
     return total / max(count, 1)
 
+
+def preference_accuracy(model_path: str | Path, pairs_file: str | Path) -> float:
+    """Share of held-out pairs where the model gives the chosen answer a higher log-probability."""
+    model, tok = _load(model_path)
+    wins, pairs = 0, 0
+    for line in Path(pairs_file).read_text().splitlines():
+        row = json.loads(line)
+        chosen, _ = _answer_logprob(model, tok, tok.chat_template, row["prompt"], row["chosen"])
+        rejected, _ = _answer_logprob(model, tok, tok.chat_template, row["prompt"], row["rejected"])
+        wins, pairs = wins + (chosen > rejected), pairs + 1
+    return wins / max(pairs, 1)

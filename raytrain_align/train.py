@@ -17,8 +17,26 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-# Keys the handbook adds on top of SFTConfig, consumed before building it.
-NOT_SFT_CONFIG = {"chat_template"}
+# Keys the handbook adds on top of TRL's configs, consumed before building them.
+NOT_TRL_CONFIG = {"chat_template"}
+
+
+def _trainer_and_config(method: str):
+    """TRL's trainer and config class for the method. Both skip TRL's own data preparation: Ray Data ran
+    it already (SFT has a flag for that; DPO has none, so a two-line subclass returns the data as given)."""
+    if method == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        return SFTTrainer, SFTConfig, {"dataset_kwargs": {"skip_prepare_dataset": True}}
+    from trl import DPOConfig, DPOTrainer
+
+    class PreparedDPOTrainer(DPOTrainer):
+        """DPOTrainer on pairs that `DPOTrainer._prepare_dataset` already produced in Ray Data."""
+
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            return dataset
+
+    return PreparedDPOTrainer, DPOConfig, {}
 
 
 def _quiet(rank: int) -> None:
@@ -110,6 +128,12 @@ def _zero_facts(trainer) -> dict[str, Any]:
         facts["params_partitioned"] = bool(params) and all(hasattr(p, "ds_tensor") for p in params)
         facts["local_partition_numel"] = int(sum(p.ds_tensor.numel() for p in params if hasattr(p, "ds_tensor")))
         facts["full_param_numel"] = int(sum(getattr(p, "ds_numel", p.numel()) for p in params))
+    ref = getattr(trainer, "ref_model", None)
+    if ref is not None:  # DPO's reference model: a DeepSpeed engine of its own, partitioned like the policy
+        ref_params = list(getattr(ref, "module", ref).parameters())
+        facts["ref_engine"] = type(ref).__name__
+        facts["ref_params_partitioned"] = bool(ref_params) and all(hasattr(p, "ds_tensor") for p in ref_params)
+        facts["ref_requires_grad"] = any(p.requires_grad for p in ref_params)
     return facts
 
 
@@ -136,13 +160,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     import torch
     from transformers import AutoModelForCausalLM
-    from trl import SFTConfig, SFTTrainer
-
+    trainer_cls, config_cls, skip_prepare = _trainer_and_config(plan.method)
     scratch = Path(tempfile.gettempdir()) / "raytrain_align" / plan.run_name / f"job-{ctx.get_experiment_name()}"
-    training = {k: v for k, v in plan.training.items() if k not in NOT_SFT_CONFIG}
+    training = {k: v for k, v in plan.training.items() if k not in NOT_TRL_CONFIG}
     training.update(
         output_dir=str(scratch / "hf"),
-        dataset_kwargs={"skip_prepare_dataset": True},  # prepared by Ray Data already
+        **skip_prepare,  # prepared by Ray Data already
         dataset_num_proc=None,
         ddp_timeout=plan.collective_timeout_s,
         use_cpu=not plan.use_gpu,
@@ -150,7 +173,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         gradient_accumulation_steps=plan.gradient_accumulation_steps,
         push_to_hub=False,
     )
-    args = SFTConfig(**training)  # with a DeepSpeed ZeRO-3 plugin, from_pretrained below runs under zero.Init
+    args = config_cls(**training)  # with a DeepSpeed ZeRO-3 plugin, from_pretrained below runs under zero.Init
 
     m = plan.model
     dtype = m.get("dtype")
@@ -168,7 +191,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     eval_dataset = None
     if prepared.get("eval_path") and args.eval_strategy != "no":
         eval_dataset = read_prepared(prepared["eval_path"])
-    trainer = SFTTrainer(
+    # DPO: with no ref_model TRL loads the reference from the same path — under zero.Init, so it is
+    # partitioned like the policy — and wraps it in a DeepSpeed inference engine.
+    trainer = trainer_cls(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
         callbacks=[_report_callback(), _progress_callback()],
     )
