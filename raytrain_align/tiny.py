@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 TINY_WORKERS = 2
-TINY_VERSION = "v2"  # bump when the generators change, so cached assets are rebuilt
+TINY_VERSION = "v3"  # bump when the generators change, so cached assets are rebuilt
 MODEL_KEYS = {"model_name_or_path", "dtype", "attn_implementation", "trust_remote_code", "model_revision"}
 SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<unk>"]
 
@@ -67,6 +67,7 @@ def tiny_overrides(recipe) -> dict[str, Any]:
     }
     if recipe.method == "dpo":
         out["padding_free"] = False  # needs flash-attention kernels the CPU does not have
+        out["num_train_epochs"] = max(2.0, out["num_train_epochs"])  # one pass is 113 steps: too few from scratch
     if recipe.model.get("model_revision"):
         out["model_revision"] = "main"  # the tiny model is a local folder without the recipe's revisions
     if t.get("use_liger_kernel"):
@@ -123,11 +124,12 @@ def _addition(a: int, b: int, rng: random.Random) -> list[dict]:
 
 
 def _preference(a: int, b: int, rng: random.Random) -> dict:
-    """A DPO pair: the right sum is chosen, an off-by-a-little one rejected."""
+    """A DPO pair: the worked, right sum is chosen; a hedged wrong guess is rejected."""
     wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
+    guess = rng.choice(["I think it is {w}.", "Maybe {w}?", "Probably {w}, not sure."]).format(w=wrong)
     prompt = [{"role": "user", "content": rng.choice(["What is {a} + {b}?", "Add {a} and {b}."]).format(a=a, b=b)}]
     return {"prompt": prompt, "chosen": [{"role": "assistant", "content": f"{a} + {b} = {a + b}"}],
-            "rejected": [{"role": "assistant", "content": f"{a} + {b} = {wrong}"}]}
+            "rejected": [{"role": "assistant", "content": guess}]}
 
 
 def _capital(country: str, city: str, rng: random.Random, held_out: bool) -> list[dict]:

@@ -133,7 +133,8 @@ def _zero_facts(trainer) -> dict[str, Any]:
         ref_params = list(getattr(ref, "module", ref).parameters())
         facts["ref_engine"] = type(ref).__name__
         facts["ref_params_partitioned"] = bool(ref_params) and all(hasattr(p, "ds_tensor") for p in ref_params)
-        facts["ref_requires_grad"] = any(p.requires_grad for p in ref_params)
+        # ZeRO-3 gives it only its parameter-gathering coordinator (DeepSpeedZeRoOffload), no optimizer step
+        facts["ref_optimizer"] = type(getattr(ref, "optimizer", None)).__name__
     return facts
 
 

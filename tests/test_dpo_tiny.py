@@ -28,7 +28,7 @@ def test_dpo_under_zero3_with_partitioned_reference(dpo_run):
     run = json.loads((out / "raytrain_align_run.json").read_text())
     facts = run["facts"]
     assert run["world_size"] == 2 and facts["zero_stage"] == 3 and facts["params_partitioned"]
-    assert facts["ref_engine"] == "DeepSpeedEngine" and facts["ref_params_partitioned"] and not facts["ref_requires_grad"]
+    assert facts["ref_engine"] == "DeepSpeedEngine" and facts["ref_params_partitioned"] and facts["ref_optimizer"] == "DeepSpeedZeRoOffload"
     assert run["prepared"]["method"] == "dpo" and run["prepared"]["rows_out"] == 450  # 600 x 0.5 + 600 x 0.25
     logged = [k for entry in run["log_history"] for k in entry]
     assert "rewards/accuracies" in logged or "rewards/chosen" in logged  # DPOTrainer's own metrics
