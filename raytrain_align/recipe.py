@@ -25,7 +25,10 @@ from .errors import RecipeError
 # Registered recipe names -> (path under recipes/, training method).
 RECIPES: dict[str, tuple[str, str]] = {
     "sft_mid": ("smollm3/sft/mid.yaml", "sft"),
+    "sft_multi_task": ("smollm3/sft/sft.yaml", "sft"),
     "dpo_apo_zero": ("smollm3/dpo/apo.yaml", "dpo"),
+    "zephyr_sft": ("zephyr-7b-beta/sft/config_full.yaml", "sft"),
+    "zephyr_dpo": ("zephyr-7b-beta/dpo/config_full.yaml", "dpo"),
 }
 
 # The `ray:` section. CLI flags override it; the handbook's keys keep their meaning.
@@ -46,6 +49,19 @@ RENAMED_FIELDS = {
     "warmup_ratio": "warmup_steps",  # transformers 5: warmup_steps < 1 is a ratio
     "max_seq_length": "max_length",
     "torch_dtype": "dtype",
+}
+# Values current TRL renamed, per field: translated with one warning line.
+RENAMED_VALUES = {
+    ("packing_strategy", "ffd"): "bfd",  # TRL 0.20+: first-fit-decreasing became best-fit-decreasing
+    ("packing_strategy", "bfd-requeue"): "bfd_split",
+}
+# Fields the handbook's recipes still carry that current TRL/transformers removed, and what happens instead.
+# Each is dropped with one warning line naming the replacement; nothing is dropped silently.
+REMOVED_FIELDS = {
+    "overwrite_output_dir": "transformers 5 removed it; each run exports into output_dir afresh and checkpoints "
+                            "live in Ray storage",
+    "max_prompt_length": "TRL 1.x removed it; DPO truncates prompt+completion to max_length (truncation_mode)",
+    "max_completion_length": "TRL 1.x removed it; DPO truncates prompt+completion to max_length (truncation_mode)",
 }
 
 # The handbook's `dataset_mixture` entries (alignment.configs.DatasetConfig).
@@ -271,6 +287,14 @@ def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None, acce
                 raise RecipeError(f"{where}: both '{old}' and its new name '{new}' are set; keep only '{new}'")
             raw[new] = raw.pop(old)
             recipe.warnings.append(f"warning: '{old}' is now '{new}' in TRL/transformers; translated (rename it in the recipe)")
+    for old, why in REMOVED_FIELDS.items():
+        if old in raw and old not in known:
+            value = raw.pop(old)
+            recipe.warnings.append(f"warning: '{old}: {value}' ignored: {why}")
+    for (key, old), new in RENAMED_VALUES.items():
+        if raw.get(key) == old:
+            raw[key] = new
+            recipe.warnings.append(f"warning: '{key}: {old}' is now '{key}: {new}' in TRL; translated")
     for key, value in raw.items():
         if key == "ray":
             if not isinstance(value, dict):

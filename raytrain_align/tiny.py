@@ -100,6 +100,8 @@ def tiny_script(recipe, assets: Path) -> dict[str, Any]:
         )
     seed = mix.get("seed", 0) if mix else 0
     test = mix.get("test_split_size") if mix else None
+    if isinstance(test, int) and not isinstance(test, bool) and test >= 1:
+        test = 0.05  # an absolute count sized for the real data (e.g. 2000) would exceed the tiny files
     return {"dataset_mixture": {"datasets": datasets_, "seed": seed, "test_split_size": test}}
 
 
