@@ -112,6 +112,16 @@ def test_chat_template_kwargs_and_tools_reach_the_template(tok_dir):
     assert "Tools:" not in texts[0]
 
 
+def test_chat_template_kwargs_reach_the_template_in_dpo(tok_dir):
+    """The handbook's DPO path ignores the chat_template_kwargs column; TRL 1.16's (which we run) uses it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    table, _ = ours("dpo", prep_data.preferences(4), tok_dir, {"chat_template": prep_data.THINK_TEMPLATE})
+    prompts = [tok.decode(ids) for ids in table.column("prompt_ids").to_pylist()]
+    assert "/think" in prompts[0] and "/no_think" in prompts[1]
+
+
 DPO_CASES = {
     "conversational, keep_start drops prompts that fill max_length": (prep_data.preferences, {"max_length": 64}),
     "plain text": (lambda: prep_data.preferences(conversational=False), {"max_length": 80}),
