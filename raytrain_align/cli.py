@@ -61,7 +61,7 @@ def _load(args, extra):
         print(w, file=sys.stderr)
     return build_plan(
         recipe, tiny=args.tiny, nodes=args.nodes, gpus_per_node=args.gpus_per_node, storage=args.storage,
-        output_dir=args.output_dir, max_failures=args.max_failures,
+        output_dir=args.output_dir, max_failures=args.max_failures, explicit=frozenset(overrides),
     )
 
 

@@ -138,6 +138,7 @@ def build_plan(
     storage: str | None = None,
     output_dir: str | None = None,
     max_failures: int | None = None,
+    explicit: frozenset[str] = frozenset(),  # keys the user --set: --tiny leaves them alone
 ) -> Plan:
     from . import tiny as tiny_mod
 
@@ -148,7 +149,7 @@ def build_plan(
     acc = recipe.accelerate
     overrides: dict[str, Any] = {}
     if tiny:
-        overrides = tiny_mod.tiny_overrides(recipe)
+        overrides = {k: v for k, v in tiny_mod.tiny_overrides(recipe).items() if k not in explicit}
         for key, value in overrides.items():
             section = model if key in recipe.model or key in tiny_mod.MODEL_KEYS else training
             section[key] = value

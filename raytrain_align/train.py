@@ -174,6 +174,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         gradient_accumulation_steps=plan.gradient_accumulation_steps,
         push_to_hub=False,
     )
+    if "tensorboard" in str(training.get("report_to")) and "://" not in plan.storage_path:  # events next to the checkpoints
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", f"{plan.storage_path}/{plan.run_name}/tensorboard")
     args = config_cls(**training)  # with a DeepSpeed ZeRO-3 plugin, from_pretrained below runs under zero.Init
 
     m = plan.model

@@ -1,0 +1,303 @@
+"""Submit, watch and stop runs on a Ray cluster, and read what runs left in storage — for notebooks.
+
+    from raytrain_align import jobs                        # RAY_ADDRESS=http://HEAD:8265 (the dashboard)
+    job = jobs.submit("sft_mid", "--tiny", storage="/mnt/efs/runs")
+    for line in jobs.follow(job): print(line)               # streams until the job ends
+    jobs.status(job); jobs.stop(job)
+    jobs.runs("/mnt/efs/runs")                              # one row per run in that storage
+    jobs.metrics("/mnt/efs/runs", "smollm3-midtraining")    # its log history, one row per logged step
+    jobs.checkpoints("/mnt/efs/runs", "smollm3-midtraining")
+
+The cluster side is the Ray Jobs SDK (`ray.job_submission.JobSubmissionClient`), so everything here is also
+`ray job submit|logs|status|stop`. The storage side reads Ray Train's run folders (`<storage>/<run>/checkpoint-*`,
+`final_model/raytrain_align_run.json`) and the prepared-data cache (`<storage>/prepared/<key>/`), local or s3://.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import re
+import shlex
+import threading
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+from .errors import RecipeError
+
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+CHECKOUT = Path(__file__).resolve().parent.parent
+# What the driver and rank 0 print (launch.py, train.py); parsed for progress, run names and restarts.
+PROGRESS = re.compile(r"^step\s+(\d+)/(\d+)\s+\(\s*\d+%\)\s+loss ([\d.]+)\s+lr ([\d.e+-]+)(?:\s+([\d,]+) tok/s)?")
+RUN_LINE = re.compile(r"run '([^']+)' (?:in|already finished in) (\S+?);?$")
+SESSION = re.compile(r"^training\s+\d+ steps$")
+
+
+class JobsError(RecipeError):
+    """A one-line problem with the cluster address, a job or a storage path, naming the fix."""
+
+
+# --------------------------------------------------------------------------------------------- cluster
+
+
+def _token() -> str | None:
+    """The Ray auth token, found where Ray itself looks: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), Path.home() / ".ray" / "auth_token"):
+        if path and Path(path).is_file():
+            return Path(path).read_text().strip() or None
+    return None
+
+
+def client(address: str | None = None):
+    """A JobSubmissionClient for `address` (default RAY_ADDRESS), sending the Ray auth token if there is one."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise JobsError("no cluster address: set RAY_ADDRESS=http://HEAD:8265 (run `ray dashboard cluster/aws.yaml` "
+                        "for a tunnel to a launcher cluster) or pass address=")
+    return _client(address, _token())
+
+
+@lru_cache(maxsize=8)
+def _client(address: str, token: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except Exception as e:  # ConnectionError, or an HTTP error from a non-dashboard port
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise JobsError(f"cannot reach the Ray Jobs API at {address} ({first}); RAY_ADDRESS must be the dashboard "
+                        "address http://HEAD:8265 (not the GCS port 6379), with a token in RAY_AUTH_TOKEN or "
+                        "~/.ray/auth_token if the cluster uses token auth") from None
+
+
+def submit(recipe: str, *args: str, storage: str | None = None, working_dir: str | None = "auto",
+           env: dict[str, str] | None = None, address: str | None = None, submission_id: str | None = None) -> str:
+    """Submit `python -m raytrain_align RECIPE ARGS... [--storage STORAGE]`; returns the submission id.
+
+    working_dir="auto" uploads this checkout when the package runs from one (so every node imports the same code),
+    and nothing when the package is installed (the cluster has it, e.g. cluster/aws.yaml's setup commands).
+    `env` becomes environment variables of the driver and every Ray worker (e.g. TENSORBOARD_LOGGING_DIR)."""
+    argv = ["python", "-m", "raytrain_align", recipe, *args] + (["--storage", storage] if storage else [])
+    if working_dir == "auto":
+        working_dir = str(CHECKOUT) if (CHECKOUT / "pyproject.toml").exists() else None
+    runtime_env: dict = {}
+    if working_dir:
+        runtime_env.update(working_dir=str(working_dir), excludes=[".git", "data/", ".venv/", "*.ipynb_checkpoints"])
+    if env:
+        runtime_env["env_vars"] = {k: str(v) for k, v in env.items()}
+    return client(address).submit_job(
+        entrypoint=shlex.join(argv), runtime_env=runtime_env or None, submission_id=submission_id,
+        metadata={"raytrain_align": recipe, **({"storage": storage} if storage else {})},
+    )
+
+
+def status(job: str, address: str | None = None) -> str:
+    """PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED."""
+    return str(client(address).get_job_status(job).value)
+
+
+def wait(job: str, timeout: float | None = None, address: str | None = None, poll: float = 1.0) -> str:
+    """Block until the job ends (or `timeout` seconds pass); returns its status."""
+    t0 = time.time()
+    while (s := status(job, address)) not in TERMINAL and (timeout is None or time.time() - t0 < timeout):
+        time.sleep(poll)
+    return s
+
+
+def logs(job: str, address: str | None = None) -> str:
+    """Everything the job printed so far."""
+    return client(address).get_job_logs(job)
+
+
+def follow(job: str, address: str | None = None) -> Iterator[str]:
+    """The job's output, line by line, as it is printed; ends when the job ends. Works inside Jupyter
+    (the SDK's async tail runs on its own event loop in a thread)."""
+    c, lines, done = client(address), queue.Queue(), object()
+
+    async def tail():
+        async for chunk in c.tail_job_logs(job):
+            lines.put(chunk)
+
+    def run():
+        try:
+            asyncio.run(tail())
+        except Exception as e:  # the stream broke: say so instead of hanging
+            lines.put(f"[follow] log stream ended: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
+        lines.put(done)
+
+    threading.Thread(target=run, daemon=True).start()
+    partial = ""
+    while (chunk := lines.get()) is not done:
+        *complete, partial = (partial + chunk).split("\n")
+        yield from complete
+    if partial:
+        yield partial
+
+
+def stop(job: str, address: str | None = None, timeout: float = 120) -> str:
+    """Stop the job (SIGTERM to the driver, SIGKILL 3 s later); its last committed checkpoint stays valid.
+    Returns the final status."""
+    client(address).stop_job(job)
+    return wait(job, timeout, address, poll=0.5)
+
+
+def progress(lines) -> "pd.DataFrame":  # noqa: F821
+    """The rank-0 progress lines (`step 12/235 (5%)  loss 2.31  lr 1.0e-03  1,234 tok/s  eta 40s`) as a DataFrame."""
+    import pandas as pd
+
+    rows = []
+    for line in (lines.splitlines() if isinstance(lines, str) else lines):
+        if m := PROGRESS.match(line.strip()):
+            step, total, loss, lr, tps = m.groups()
+            rows.append({"step": int(step), "max_steps": int(total), "loss": float(loss), "learning_rate": float(lr),
+                         "tokens_per_s": float(tps.replace(",", "")) if tps else None})
+    return pd.DataFrame(rows, columns=["step", "max_steps", "loss", "learning_rate", "tokens_per_s"])
+
+
+def history(address: str | None = None) -> "pd.DataFrame":  # noqa: F821
+    """raytrain_align jobs on the cluster: id, status, run and storage (from the driver's log), and
+    `sessions` — how many times training (re)started in that job (worker-group restarts included)."""
+    import pandas as pd
+
+    rows = []
+    for j in client(address).list_jobs():
+        if not (j.metadata or {}).get("raytrain_align") and "raytrain_align" not in (j.entrypoint or ""):
+            continue
+        text = logs(j.submission_id, address) if j.submission_id else ""
+        run = [m.groups() for m in map(RUN_LINE.search, text.splitlines()) if m]
+        rows.append({
+            "job": j.submission_id, "status": str(j.status.value), "entrypoint": j.entrypoint,
+            "run": run[-1][0] if run else None, "storage": run[-1][1] if run else None,
+            "sessions": sum(bool(SESSION.match(line.strip())) for line in text.splitlines()),
+            "start": pd.to_datetime(j.start_time, unit="ms") if j.start_time else None,
+        })
+    return pd.DataFrame(rows, columns=["job", "status", "entrypoint", "run", "storage", "sessions", "start"])
+
+
+# --------------------------------------------------------------------------------------------- storage
+
+
+def _fs(storage: str):
+    import pyarrow.fs
+
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    return pyarrow.fs.FileSystem.from_uri(storage)
+
+
+def _read_json(fs, path: str):
+    import pyarrow.fs
+
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
+def _dirs(fs, path: str) -> list[str]:
+    import pyarrow.fs
+
+    sel = pyarrow.fs.FileSelector(path, allow_not_found=True)
+    return sorted(i.base_name for i in fs.get_file_info(sel) if i.type == pyarrow.fs.FileType.Directory)
+
+
+def checkpoints(storage: str, run: str) -> "pd.DataFrame":  # noqa: F821
+    """The run's checkpoint folders: name, path, step, and `committed` — Ray Train recorded it as reported
+    (a folder that is not committed was cut off mid-upload and is never resumed from)."""
+    import pandas as pd
+
+    fs, root = _fs(storage)
+    snap = _read_json(fs, f"{root}/{run}/checkpoint_manager_snapshot.json") or {}
+    committed = {r["checkpoint_dir_name"]: r["metrics"] for r in snap.get("checkpoint_results", [])}
+    rows = []
+    for name in _dirs(fs, f"{root}/{run}"):
+        if not name.startswith(("checkpoint-", "final_model")):
+            continue
+        step = committed.get(name, {}).get("step")
+        if step is None and name.startswith("checkpoint-"):
+            step = int(name.split("-")[1])
+        rows.append({"name": name, "path": f"{root}/{run}/{name}", "step": step, "committed": name in committed,
+                     "final": name == "final_model"})
+    return pd.DataFrame(rows, columns=["name", "path", "step", "committed", "final"])
+
+
+def _run_record(fs, root: str, run: str) -> dict | None:
+    """What the run left: the final export's raytrain_align_run.json, else the latest committed HF checkpoint's
+    trainer_state.json (a run still going, or stopped)."""
+    final = _read_json(fs, f"{root}/{run}/final_model/raytrain_align_run.json")
+    if final is not None:
+        return {"finished": True, "log_history": final["log_history"], "metrics": final["metrics"],
+                "world_size": final.get("world_size")}
+    snap = _read_json(fs, f"{root}/{run}/checkpoint_manager_snapshot.json") or {}
+    latest = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    state = _read_json(fs, f"{root}/{run}/{latest}/trainer_state.json") if latest else None
+    if state is None:
+        return None
+    return {"finished": False, "log_history": state["log_history"], "metrics": {"step": state["global_step"]},
+            "world_size": None}
+
+
+def metrics(storage: str, run: str) -> "pd.DataFrame":  # noqa: F821
+    """The run's log history (loss, learning_rate, grad_norm, num_tokens, ... per logged step), one row per step."""
+    import pandas as pd
+
+    fs, root = _fs(storage)
+    rec = _run_record(fs, root, run)
+    if rec is None:
+        raise JobsError(f"no run '{run}' with a committed checkpoint in {storage}; list them with jobs.runs('{storage}')")
+    rows = [e for e in rec["log_history"] if "loss" in e]
+    return pd.DataFrame(rows).set_index("step") if rows else pd.DataFrame()
+
+
+def runs(storage: str) -> "pd.DataFrame":  # noqa: F821
+    """One row per run in the storage: finished or not, steps, final loss, tokens, tokens/s, latest checkpoint."""
+    import pandas as pd
+
+    fs, root = _fs(storage)
+    rows = []
+    for run in _dirs(fs, root):
+        rec = _run_record(fs, root, run)
+        if rec is None:
+            continue
+        m, losses = rec["metrics"], [e["loss"] for e in rec["log_history"] if "loss" in e]
+        tokens, seconds = m.get("num_tokens"), m.get("train_runtime")
+        ckpts = checkpoints(storage, run)
+        latest = ckpts[ckpts.committed].sort_values("step")
+        rows.append({
+            "run": run, "finished": rec["finished"], "step": m.get("step"), "loss": losses[-1] if losses else None,
+            "tokens": tokens, "train_seconds": seconds,
+            # over the last training session (after a resume, tokens count from the start of the run)
+            "tokens_per_s": tokens / seconds if tokens and seconds else None,
+            "world_size": rec["world_size"], "latest_checkpoint": latest.name.iloc[-1] if len(latest) else None,
+        })
+    return pd.DataFrame(rows, columns=["run", "finished", "step", "loss", "tokens", "train_seconds", "tokens_per_s",
+                                       "world_size", "latest_checkpoint"])
+
+
+def prepared(storage: str) -> "pd.DataFrame":  # noqa: F821
+    """The prepared-data cache entries (`<storage>/prepared/<key>/manifest.json`), one row per key."""
+    import pandas as pd
+
+    fs, root = _fs(storage)
+    rows = []
+    for key in _dirs(fs, f"{root}/prepared"):
+        if (m := _read_json(fs, f"{root}/prepared/{key}/manifest.json")) is not None:
+            rows.append({k: v for k, v in m.items() if k not in ("spec", "drop_examples")})
+    return pd.DataFrame(rows)
+
+
+def load_prepared(storage: str, key: str, split: str = "train") -> "pd.DataFrame":  # noqa: F821
+    """One prepared split as a DataFrame (input_ids, labels, seq_lengths for SFT; *_ids for DPO)."""
+    import pyarrow.dataset as ds
+
+    fs, root = _fs(storage)
+    return ds.dataset(f"{root}/prepared/{key}/{split}", filesystem=fs, format="parquet").to_table().to_pandas()
