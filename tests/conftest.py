@@ -24,11 +24,12 @@ def _ray(*args, **kw):
 
 @pytest.fixture(scope="session")
 def ray_address(tmp_path_factory):
-    """Address of a running local Ray head (2 CPUs, no GPUs), stopped at the end of the session."""
+    """Address of a running local Ray head (2 CPUs, no GPUs, dashboard on), stopped at the end of the session."""
     port = _free_port()
     temp = tmp_path_factory.mktemp("ray")
-    r = _ray("start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false",
-             f"--temp-dir={temp}", "--disable-usage-stats", timeout=180)
+    # With its dashboard, as real clusters run: the Jobs API and Ray Train's state queries need it.
+    r = _ray("start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={_free_port()}", f"--temp-dir={temp}", "--disable-usage-stats", timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     address = f"127.0.0.1:{port}"
     yield address

@@ -65,7 +65,11 @@ def test_summary_plot_and_quiet_logs(tiny_run):
     assert losses[-1] < losses[0]
     both = proc.stdout + proc.stderr
     assert "{'loss'" not in both  # no per-step dict dumps
-    assert both.count("step ") < 60  # a progress line per ~5%, not per step
+    # a progress line per ~5%, not per step (several raylets on one machine share a log folder, so Ray
+    # may forward a worker's line more than once: count distinct lines)
+    progress = {line.split(")", 1)[-1] for line in both.splitlines() if "step " in line}
+    assert 10 < len(progress) < 30, progress
+    assert "Failed to query Ray Train Controller" not in both
     # Ray Train storage keeps save_total_limit (1) committed checkpoint: the final export
     kept = [p.name for p in (storage / "smollm3-midtraining-tiny").iterdir() if p.is_dir() and p.name.startswith(("checkpoint-", "final_model"))]
     assert kept == ["final_model"], kept
