@@ -32,9 +32,16 @@ from .errors import RecipeError
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 CHECKOUT = Path(__file__).resolve().parent.parent
 # What the driver and rank 0 print (launch.py, train.py); parsed for progress, run names and restarts.
+# Lines from Ray workers reach the driver as "\x1b[36m(RayTrainWorker pid=123)\x1b[0m text": `clean` strips that.
+PREFIX = re.compile(r"^(?:\x1b\[[\d;]*m)?\([^)]*pid=\d+[^)]*\)(?:\x1b\[[\d;]*m)?\s?|\x1b\[[\d;]*m")
 PROGRESS = re.compile(r"^step\s+(\d+)/(\d+)\s+\(\s*\d+%\)\s+loss ([\d.]+)\s+lr ([\d.e+-]+)(?:\s+([\d,]+) tok/s)?")
 RUN_LINE = re.compile(r"run '([^']+)' (?:in|already finished in) (\S+?);?$")
 SESSION = re.compile(r"^training\s+\d+ steps$")
+
+
+def clean(line: str) -> str:
+    """A log line without the `(RayTrainWorker pid=...)` prefix and colour codes Ray adds to worker output."""
+    return PREFIX.sub("", line).rstrip()
 
 
 class JobsError(RecipeError):
@@ -58,7 +65,7 @@ def _token() -> str | None:
 
 def client(address: str | None = None):
     """A JobSubmissionClient for `address` (default RAY_ADDRESS), sending the Ray auth token if there is one."""
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:
         raise JobsError("no cluster address: set RAY_ADDRESS=http://HEAD:8265 (run `ray dashboard cluster/aws.yaml` "
                         "for a tunnel to a launcher cluster) or pass address=")
@@ -67,9 +74,18 @@ def client(address: str | None = None):
 
 @lru_cache(maxsize=8)
 def _client(address: str, token: str | None):
+    import logging
+    import warnings
+
+    # the SDK's INFO lines about packaging the working dir, and ipywidgets hints, are noise in a notebook
+    for name in ("ray._private.runtime_env", "ray.dashboard.modules", "ray.widgets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="IProgress not found")
     from ray.job_submission import JobSubmissionClient
 
     headers = {"Authorization": f"Bearer {token}"} if token else None
+    # the SDK lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS override its address argument: hide them while it resolves
+    saved = {k: os.environ.pop(k) for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") if k in os.environ}
     try:
         return JobSubmissionClient(address, headers=headers)
     except Exception as e:  # ConnectionError, or an HTTP error from a non-dashboard port
@@ -77,6 +93,8 @@ def _client(address: str, token: str | None):
         raise JobsError(f"cannot reach the Ray Jobs API at {address} ({first}); RAY_ADDRESS must be the dashboard "
                         "address http://HEAD:8265 (not the GCS port 6379), with a token in RAY_AUTH_TOKEN or "
                         "~/.ray/auth_token if the cluster uses token auth") from None
+    finally:
+        os.environ.update(saved)
 
 
 def submit(recipe: str, *args: str, storage: str | None = None, working_dir: str | None = "auto",
@@ -91,7 +109,7 @@ def submit(recipe: str, *args: str, storage: str | None = None, working_dir: str
         working_dir = str(CHECKOUT) if (CHECKOUT / "pyproject.toml").exists() else None
     runtime_env: dict = {}
     if working_dir:
-        runtime_env.update(working_dir=str(working_dir), excludes=[".git", "data/", ".venv/", "*.ipynb_checkpoints"])
+        runtime_env.update(working_dir=str(working_dir), excludes=["data/", ".venv/", "*.ipynb_checkpoints"])
     if env:
         runtime_env["env_vars"] = {k: str(v) for k, v in env.items()}
     return client(address).submit_job(
@@ -119,7 +137,7 @@ def logs(job: str, address: str | None = None) -> str:
 
 
 def follow(job: str, address: str | None = None) -> Iterator[str]:
-    """The job's output, line by line, as it is printed; ends when the job ends. Works inside Jupyter
+    """The job's output, line by line (worker prefixes stripped), as it is printed; ends when the job ends. Works in Jupyter
     (the SDK's async tail runs on its own event loop in a thread)."""
     c, lines, done = client(address), queue.Queue(), object()
 
@@ -138,9 +156,9 @@ def follow(job: str, address: str | None = None) -> Iterator[str]:
     partial = ""
     while (chunk := lines.get()) is not done:
         *complete, partial = (partial + chunk).split("\n")
-        yield from complete
+        yield from map(clean, complete)
     if partial:
-        yield partial
+        yield clean(partial)
 
 
 def stop(job: str, address: str | None = None, timeout: float = 120) -> str:
@@ -156,7 +174,7 @@ def progress(lines) -> "pd.DataFrame":  # noqa: F821
 
     rows = []
     for line in (lines.splitlines() if isinstance(lines, str) else lines):
-        if m := PROGRESS.match(line.strip()):
+        if m := PROGRESS.match(clean(line).strip()):
             step, total, loss, lr, tps = m.groups()
             rows.append({"step": int(step), "max_steps": int(total), "loss": float(loss), "learning_rate": float(lr),
                          "tokens_per_s": float(tps.replace(",", "")) if tps else None})
@@ -177,7 +195,7 @@ def history(address: str | None = None) -> "pd.DataFrame":  # noqa: F821
         rows.append({
             "job": j.submission_id, "status": str(j.status.value), "entrypoint": j.entrypoint,
             "run": run[-1][0] if run else None, "storage": run[-1][1] if run else None,
-            "sessions": sum(bool(SESSION.match(line.strip())) for line in text.splitlines()),
+            "sessions": sum(bool(SESSION.match(clean(line).strip())) for line in text.splitlines()),
             "start": pd.to_datetime(j.start_time, unit="ms") if j.start_time else None,
         })
     return pd.DataFrame(rows, columns=["job", "status", "entrypoint", "run", "storage", "sessions", "start"])
@@ -236,25 +254,32 @@ def _run_record(fs, root: str, run: str) -> dict | None:
     final = _read_json(fs, f"{root}/{run}/final_model/raytrain_align_run.json")
     if final is not None:
         return {"finished": True, "log_history": final["log_history"], "metrics": final["metrics"],
-                "world_size": final.get("world_size")}
+                "world_size": final.get("world_size"), "prepared": final.get("prepared", {}).get("key"),
+                "path": f"{root}/{run}/final_model"}
     snap = _read_json(fs, f"{root}/{run}/checkpoint_manager_snapshot.json") or {}
     latest = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
     state = _read_json(fs, f"{root}/{run}/{latest}/trainer_state.json") if latest else None
     if state is None:
         return None
     return {"finished": False, "log_history": state["log_history"], "metrics": {"step": state["global_step"]},
-            "world_size": None}
+            "world_size": None, "prepared": None, "path": f"{root}/{run}/{latest}"}
+
+
+def run_record(storage: str, run: str) -> dict:
+    """finished, metrics, log_history, world_size, prepared (its cache key) and path (the exported model, or the
+    latest committed checkpoint: both hold the tokenizer)."""
+    fs, root = _fs(storage)
+    rec = _run_record(fs, root, run)
+    if rec is None:
+        raise JobsError(f"no run '{run}' with a committed checkpoint in {storage}; list them with jobs.runs('{storage}')")
+    return rec
 
 
 def metrics(storage: str, run: str) -> "pd.DataFrame":  # noqa: F821
     """The run's log history (loss, learning_rate, grad_norm, num_tokens, ... per logged step), one row per step."""
     import pandas as pd
 
-    fs, root = _fs(storage)
-    rec = _run_record(fs, root, run)
-    if rec is None:
-        raise JobsError(f"no run '{run}' with a committed checkpoint in {storage}; list them with jobs.runs('{storage}')")
-    rows = [e for e in rec["log_history"] if "loss" in e]
+    rows = [e for e in run_record(storage, run)["log_history"] if "loss" in e]
     return pd.DataFrame(rows).set_index("step") if rows else pd.DataFrame()
 
 
@@ -291,7 +316,8 @@ def prepared(storage: str) -> "pd.DataFrame":  # noqa: F821
     rows = []
     for key in _dirs(fs, f"{root}/prepared"):
         if (m := _read_json(fs, f"{root}/prepared/{key}/manifest.json")) is not None:
-            rows.append({k: v for k, v in m.items() if k not in ("spec", "drop_examples")})
+            rows.append({**{k: v for k, v in m.items() if k not in ("spec", "drop_examples")},
+                         "max_length": (m.get("spec") or {}).get("fields", {}).get("max_length")})
     return pd.DataFrame(rows)
 
 
@@ -301,3 +327,19 @@ def load_prepared(storage: str, key: str, split: str = "train") -> "pd.DataFrame
 
     fs, root = _fs(storage)
     return ds.dataset(f"{root}/prepared/{key}/{split}", filesystem=fs, format="parquet").to_table().to_pandas()
+
+
+def _same_storage(a: str | None, b: str) -> bool:
+    norm = lambda s: s.rstrip("/") if "://" in s else os.path.realpath(os.path.expanduser(s))  # noqa: E731
+    return a is not None and norm(a) == norm(b)
+
+
+def compare(storage: str, address: str | None = None) -> "pd.DataFrame":  # noqa: F821
+    """`runs(storage)` plus, from the cluster's job history, `launches` (jobs that ran it) and `restarts`
+    (training sessions beyond the first: resumed launches and worker-group restarts)."""
+    table, hist = runs(storage), history(address)
+    hist = hist[[_same_storage(s, storage) for s in hist.storage]]
+    sessions = hist.groupby("run").sessions.sum()
+    table["launches"] = [int((hist.run == r).sum()) for r in table.run]
+    table["restarts"] = [max(0, int(sessions.get(r, 0)) - 1) for r in table.run]
+    return table
