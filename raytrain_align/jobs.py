@@ -36,7 +36,7 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 PREFIX = re.compile(r"^(?:\x1b\[[\d;]*m)?\([^)]*pid=\d+[^)]*\)(?:\x1b\[[\d;]*m)?\s?|\x1b\[[\d;]*m")
 PROGRESS = re.compile(r"^step\s+(\d+)/(\d+)\s+\(\s*\d+%\)\s+loss ([\d.]+)\s+lr ([\d.e+-]+)(?:\s+([\d,]+) tok/s)?")
 RUN_LINE = re.compile(r"run '([^']+)' (?:in|already finished in) (\S+?);?$")
-SESSION = re.compile(r"^training\s+\d+ steps$")
+SESSION = re.compile(r"^workers\s+process group formed at ")  # rank 0, once per (re)start; its time tells copies apart
 
 
 def clean(line: str) -> str:
@@ -195,7 +195,7 @@ def history(address: str | None = None) -> "pd.DataFrame":  # noqa: F821
         rows.append({
             "job": j.submission_id, "status": str(j.status.value), "entrypoint": j.entrypoint,
             "run": run[-1][0] if run else None, "storage": run[-1][1] if run else None,
-            "sessions": sum(bool(SESSION.match(clean(line).strip())) for line in text.splitlines()),
+            "sessions": len({c for c in map(clean, text.splitlines()) if SESSION.match(c)}),
             "start": pd.to_datetime(j.start_time, unit="ms") if j.start_time else None,
         })
     return pd.DataFrame(rows, columns=["job", "status", "entrypoint", "run", "storage", "sessions", "start"])
@@ -295,13 +295,19 @@ def runs(storage: str) -> "pd.DataFrame":  # noqa: F821
             continue
         m, losses = rec["metrics"], [e["loss"] for e in rec["log_history"] if "loss" in e]
         tokens, seconds = m.get("num_tokens"), m.get("train_runtime")
+        session_tokens = tokens
+        if tokens and seconds and m.get("train_steps_per_second"):
+            # a resumed run's num_tokens counts from step 0 but train_runtime only covers the last session,
+            # which trained train_steps_per_second x train_runtime steps: count only the tokens of those
+            start = m["step"] - round(m["train_steps_per_second"] * seconds)
+            before = [e["num_tokens"] for e in rec["log_history"] if "num_tokens" in e and e.get("step", 0) <= start]
+            session_tokens = tokens - (before[-1] if before else 0)
         ckpts = checkpoints(storage, run)
         latest = ckpts[ckpts.committed].sort_values("step")
         rows.append({
             "run": run, "finished": rec["finished"], "step": m.get("step"), "loss": losses[-1] if losses else None,
             "tokens": tokens, "train_seconds": seconds,
-            # over the last training session (after a resume, tokens count from the start of the run)
-            "tokens_per_s": tokens / seconds if tokens and seconds else None,
+            "tokens_per_s": session_tokens / seconds if session_tokens and seconds else None,  # last session's
             "world_size": rec["world_size"], "latest_checkpoint": latest.name.iloc[-1] if len(latest) else None,
         })
     return pd.DataFrame(rows, columns=["run", "finished", "step", "loss", "tokens", "train_seconds", "tokens_per_s",

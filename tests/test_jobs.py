@@ -214,6 +214,7 @@ def _execute(name, head, storage, tmp, **env):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     text = "".join(o.get("text", "") for o in outputs)
     images = [o for o in outputs if "image/png" in o.get("data", {})]
+    text += "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     return text, images
 
 
@@ -233,12 +234,17 @@ def test_notebook_1_resumes_the_stopped_run_with_live_loss(notebook_1, storage):
     assert list(hist.status) == ["STOPPED", "SUCCEEDED"] and list(hist.sessions) == [1, 1]
     resumed = jobs.progress(jobs.logs(hist.job.iloc[-1]))
     assert resumed.step.min() > 15 and resumed.step.max() == 90
-    assert jobs.metrics(str(storage), STOPPED_RUN).index.max() == 90
+    m = jobs.metrics(str(storage), STOPPED_RUN)
+    assert m.index.max() == 90
+    # its tokens/s counts only the tokens of the resumed session (steps 16-90), not those before the stop
+    row = jobs.runs(str(storage)).set_index("run").loc[STOPPED_RUN]
+    assert row.tokens_per_s * row.train_seconds == pytest.approx(m.num_tokens[90] - m.num_tokens[15], rel=1e-6)
 
 
 def test_notebook_2_inspects_prepared_data(finished, head, storage, tmp_path):
     text, images = _execute("2_prepared_data.ipynb", head, storage, tmp_path)
-    assert len(images) >= 2 and "fill ratio" in text
+    assert images and "fill ratio" in text
+    assert "background:#c8f7c5" in text  # the rendered row, loss-carrying tokens highlighted
 
 
 def test_notebook_3_compares_runs(notebook_1, head, storage, tmp_path):
