@@ -169,7 +169,7 @@ def run_one(idx: int, path: str, vname: str, recipe_file: Path, args, work: Path
     if path == "ray":
         cmd = [sys.executable, "-m", "raytrain_align", str(recipe_file), "--nodes", "1", "--gpus-per-node",
                str(args.gpus), "--storage", str(work / "ray_storage"), "--output-dir", str(out / "model"),
-               "--set", f"run_name=bench-{label}"]
+               "--set", f"run_name=bench-{label}-{int(time.time())}"]
         if args.cpu_smoke:
             cmd.append("--tiny")
     else:
@@ -270,11 +270,11 @@ def summarize(runs: list[dict], n_params: int, peak: float | None, gpus: int) ->
         path, variant = key.split(":", 1)
         if path == "ray" and f"plain:{variant}" in out and g.get("median_step_s") and out[f"plain:{variant}"].get("median_step_s"):
             ratios[f"step_time ray/plain [{variant}]"] = round(g["median_step_s"] / out[f"plain:{variant}"]["median_step_s"], 4)
-    for path in ("ray", "plain"):
-        base = out.get(f"{path}:handbook", {}).get("tokens_per_s_per_gpu")
+    for hb in ("plain:handbook", "ray:handbook"):
+        base = out.get(hb, {}).get("tokens_per_s_per_gpu")
         for key, g in out.items():
-            if key.startswith(f"{path}:") and key != f"{path}:handbook" and base and g.get("tokens_per_s_per_gpu"):
-                ratios[f"tokens/s/GPU {key} / {path}:handbook"] = round(g["tokens_per_s_per_gpu"] / base, 3)
+            if not key.endswith(":handbook") and base and g.get("tokens_per_s_per_gpu"):
+                ratios[f"tokens/s/GPU {key} / {hb}"] = round(g["tokens_per_s_per_gpu"] / base, 3)
     return {"groups": out, "ratios": ratios}
 
 
@@ -374,14 +374,15 @@ def main(argv=None) -> int:
     make_model(cfg, model_dir)
     print(f"[{time.strftime('%H:%M:%S')}] model ready ({params['params']:,} params) in {time.time() - t0:.0f}s", flush=True)
 
-    # enough packed rows for the largest variant's steps (x1.5), in one file both paths read
+    # enough tokens for the largest variant's steps (x1.5), in one file both paths read
     need = 0
     base = yaml.safe_load(BASE_RECIPE.read_text())
     for _, vname in seq:
-        v = {**base, **variants[vname]}
-        need = max(need, args.steps * v["per_device_train_batch_size"] * v["gradient_accumulation_steps"] * args.gpus)
+        v = {**base, "max_length": args.max_length, **variants[vname]}
+        need = max(need, args.steps * v["per_device_train_batch_size"] * v["gradient_accumulation_steps"] * args.gpus
+                   * v["max_length"])
     data_file = work / f"data-{args.size}-{args.max_length}-{need}.jsonl"
-    data = make_data(data_file, int(need * args.max_length * 1.5), cfg.vocab_size, args.max_length)
+    data = make_data(data_file, int(need * 1.5), cfg.vocab_size, args.max_length)
     recipes = {}
     for vname in {v for _, v in seq}:
         f = work / f"recipe-{vname}.yaml"
@@ -393,14 +394,16 @@ def main(argv=None) -> int:
     runs, est = [], {}
     for i, (path, vname) in enumerate(seq):
         left = args.budget_s - (time.time() - t0)
-        guess = est.get(path, 0)
+        guess = est.get((path, vname), est.get(path, 0))  # this variant's last wall time, else this path's
         if left < max(60.0, guess):
             print(f"skip {path}:{vname}: {left:.0f}s of budget left, a run took {guess:.0f}s", flush=True)
             runs.append({"label": f"{i:02d}-{path}-{vname}", "path": path, "variant": vname, "rc": "skipped (budget)",
                          "wall_s": 0})
             continue
         rec = run_one(i, path, vname, recipes[vname], args, work, left)
-        est[path] = max(est.get(path, 0), rec["wall_s"] if rec["rc"] == 0 else 0)
+        if rec["rc"] == 0:
+            est[(path, vname)] = rec["wall_s"]
+            est[path] = min(est.get(path, rec["wall_s"]), rec["wall_s"])
         runs.append(rec)
 
     now = dt.datetime.now(dt.timezone.utc)
