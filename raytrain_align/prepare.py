@@ -363,16 +363,14 @@ class TokenizeActor:
                         drop(reason, {**table.slice(i, 1).to_pylist()[0], "error": str(e).splitlines()[0][:120]})
                 tokenized = datasets.concatenate_datasets(parts) if parts else None
             if tokenized is not None and len(tokenized):
-                n_before = len(tokenized)
                 if self.options.get("long_samples") == "drop" and self.args.max_length:
                     lengths = [self._length(ex) for ex in tokenized]
-                    too_long = [i for i, n in enumerate(lengths) if n > self.args.max_length]
-                    for i in too_long[:EXAMPLES_PER_REASON]:
-                        drop("too_long", {"tokens": lengths[i]})
-                    drops["too_long"] += max(0, len(too_long) - EXAMPLES_PER_REASON)
-                    if too_long:
-                        tokenized = tokenized.select([i for i in range(len(lengths)) if lengths[i] <= self.args.max_length])
-                    n_before = len(tokenized)
+                    for n in lengths:
+                        if n > self.args.max_length:
+                            drop("too_long", {"tokens": n})
+                    if max(lengths) > self.args.max_length:
+                        tokenized = tokenized.select([i for i, n in enumerate(lengths) if n <= self.args.max_length])
+                n_before = len(tokenized)
                 finished = self._finish(tokenized) if len(tokenized) else tokenized
                 if not getattr(self.args, "packing", False) and len(finished) < n_before:
                     drops["no_loss_tokens_after_truncation"] += n_before - len(finished)
@@ -387,7 +385,9 @@ class TokenizeActor:
         import ray
 
         pq.write_table(out, os.path.join(self.out_dir, f"part-{block:06d}.parquet"))
-        return pa.table({"rows": [len(rows)], "rows_out": [out.num_rows], "drops": [json.dumps(drops)],
+        _, tokens, loss_tokens = _stats(out, self.method)
+        return pa.table({"rows": [len(rows)], "rows_out": [out.num_rows], "tokens": [tokens], "loss_tokens": [loss_tokens],
+                         "drops": [json.dumps(drops)],
                          "examples": [json.dumps(examples)], "node": [ray.get_runtime_context().get_node_id()]})
 
 
@@ -407,16 +407,19 @@ def _empty_output(method: str, packing: bool):
 
 
 class PrepareStats:
-    """Adds up the per-block counts of the tokenize actors (drops by reason, nodes used)."""
+    """Adds up the per-block counts of the tokenize actors (rows, tokens, drops by reason, nodes used)."""
 
     def __init__(self):
         self.rows = 0
+        self.out = {"rows_out": 0, "tokens": 0, "loss_tokens": 0}
         self.drops: Counter = Counter()
         self.examples: dict[str, list[str]] = {}
         self.nodes: set[str] = set()
 
-    def add(self, rows: int, drops: dict, examples: dict, node: str) -> None:
+    def add(self, rows: int, drops: dict, examples: dict, node: str, **out: int) -> None:
         self.rows += rows
+        for k, v in out.items():
+            self.out[k] += v
         self.drops.update(drops)
         self.nodes.add(node)
         for reason, rows_ in examples.items():
@@ -424,7 +427,8 @@ class PrepareStats:
             kept.extend(rows_[: EXAMPLES_PER_REASON - len(kept)])
 
     def get(self) -> dict:
-        return {"rows": self.rows, "drops": dict(self.drops), "examples": self.examples, "nodes": sorted(self.nodes)}
+        return {"rows": self.rows, **self.out, "drops": dict(self.drops), "examples": self.examples,
+                "nodes": sorted(self.nodes)}
 
 
 def load_tokenizer(path: str, training: dict[str, Any], revision: str | None = None, trust_remote_code: bool = False):
@@ -547,7 +551,8 @@ def tokenize_split(ds, out_dir: str, method: str, tokenizer_path: str, training:
     totals, t0, shown = PrepareStats(), time.time(), 0.0
     for summary in rd.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in summary.to_pylist():
-            totals.add(row["rows"], json.loads(row["drops"]), json.loads(row["examples"]), row["node"])
+            totals.add(row["rows"], json.loads(row["drops"]), json.loads(row["examples"]), row["node"],
+                       rows_out=row["rows_out"], tokens=row["tokens"], loss_tokens=row["loss_tokens"])
         frac = totals.rows / max(len(ds), 1)
         if frac - shown >= 0.1 and frac < 1:
             shown = frac
@@ -559,8 +564,6 @@ def tokenize_split(ds, out_dir: str, method: str, tokenizer_path: str, training:
 
 def prepare(plan, log=print) -> Prepared:
     """Mixture -> Ray Data actors (TRL tokenization + packing) -> Parquet shards at a content key."""
-    import pyarrow.parquet as pq
-
     check_sources(plan.script)
     root = Path(plan.storage_path) / "prepared"
     train, test, sources = load_mixture(plan.script)
@@ -585,8 +588,7 @@ def prepare(plan, log=print) -> Prepared:
     log(f"data          tokenizing {len(train):,} rows with Ray Data ({plan.method.upper()}, TRL {spec['trl']}) ...")
     try:
         stats = tokenize_split(train, str(tmp / "train"), plan.method, tokenizer_path, plan.training, plan.data, log)
-        table = pq.read_table(str(tmp / "train"))
-        rows_out, tokens, loss_tokens = _stats(table, plan.method)
+        rows_out, tokens, loss_tokens = stats["rows_out"], stats["tokens"], stats["loss_tokens"]
         if rows_out == 0:
             top = max(stats["drops"], key=stats["drops"].get) if stats["drops"] else None
             why = f" (every row dropped, mostly '{top}', e.g. {stats['examples'].get(top, [''])[0]})" if top else ""
