@@ -110,6 +110,43 @@ def _report_callback():
     return RayCheckpointReport()
 
 
+def _timing_callback():
+    """Per-step wall times (device synchronized at each step end), wall-clock time of the first step, and
+    peak GPU memory of this rank; `.stats` goes into the run summary (benchmarks/train_throughput.py)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.stats: dict[str, Any] = {"step_seconds": [], "step_end_unix": []}
+
+        def _sync(self):
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._sync()
+            self.stats["train_begin_unix"] = self._last = time.time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self._sync()
+            now = time.time()
+            self.stats["step_seconds"].append(now - self._last)
+            self.stats["step_end_unix"].append(now)
+            self._last = now
+
+        def on_train_end(self, args, state, control, **kwargs):
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                self.stats["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                self.stats["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+                self.stats["device_total_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+
+    return StepTimer()
+
+
 def _last_logs(history: list[dict]) -> dict[str, float]:
     out: dict[str, float] = {}
     for entry in history:
@@ -180,6 +217,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     m = plan.model
     dtype = m.get("dtype")
+    from .attention import register as register_attention
+
+    register_attention()  # attn_implementation: sdpa_varlen
     model = AutoModelForCausalLM.from_pretrained(
         m["model_name_or_path"],
         revision=m.get("model_revision", "main"),
@@ -198,7 +238,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # partitioned like the policy — and wraps it in a DeepSpeed inference engine.
     trainer = trainer_cls(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
-        callbacks=[_report_callback(), _progress_callback()],
+        callbacks=[_report_callback(), _progress_callback(), timer := _timing_callback()],
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -234,6 +274,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "facts": facts,
             "world_size": ctx.get_world_size(),
             "train_seconds": train_seconds,
+            "timing": timer.stats,
             "prepared": prepared,
         }
         (export / "raytrain_align_run.json").write_text(json.dumps(summary, indent=2, default=str))
