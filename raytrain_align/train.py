@@ -39,22 +39,44 @@ def _trainer_and_config(method: str):
     return PreparedDPOTrainer, DPOConfig, {}
 
 
+# Warnings that say nothing a user can act on, repeated every step by some libraries.
+QUIET_WARNINGS = (
+    ".*torch_dtype.*", ".*use_cache=True.*", ".*Padding-free training.*", ".*gradient checkpointing.*",
+    # DeepSpeed's ZeRO-3 collectives call torch's deprecated names, once per step.
+    r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated.*",
+    # transformers 5.2x renames gradient_checkpointing(_kwargs), which the handbook's recipes use; it maps them itself.
+    r".*`gradient_checkpointing(_kwargs)?` is deprecated.*",
+)
+
+
 def _quiet(rank: int) -> None:
-    """One copy of each message: rank 0 logs warnings, other ranks only errors."""
+    """One copy of each message: rank 0 logs warnings, other ranks only errors; no per-step noise."""
+    import builtins
+
     import datasets
     import transformers
+    from ray.train.v2._internal.execution import context as train_context
+    from ray.train.v2._internal.logging import patch_print
 
+    # Ray Train V2 patches print() into its logger and also tees it to a redirected stdout: every line
+    # printed twice, and dill's stdout capture (datasets fingerprinting) leaks bytecode dumps. Plain print.
+    builtins.print = patch_print._original_print
+    # "Reporting training result N: TrainingReport(...)" at INFO on every rank, every checkpoint.
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()  # "Writing model shards" bars at every save
     if rank != 0:
         warnings.filterwarnings("ignore")
         transformers.logging.set_verbosity_error()
     else:
         transformers.logging.set_verbosity_warning()
-        for pattern in (".*torch_dtype.*", ".*use_cache=True.*", ".*Padding-free training.*", ".*gradient checkpointing.*"):
+        for pattern in QUIET_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "accelerate", "trl", "ray.train"):
         logging.getLogger(name).setLevel(logging.ERROR if rank else logging.WARNING)
+    # The Trainer leaves accelerate's accumulation plugin at 1 and lets DeepSpeed accumulate; accelerate warns.
+    logging.getLogger("accelerate.accelerator").setLevel(logging.ERROR)
 
 
 def _progress_callback():
@@ -64,7 +86,8 @@ def _progress_callback():
     class ProgressLog(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             self.t0, self.every = time.time(), max(1, state.max_steps // 20)
-            print(f"training      {state.max_steps} steps", flush=True)
+            if state.is_world_process_zero:
+                print(f"training      {state.max_steps} steps", flush=True)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             step = state.global_step
