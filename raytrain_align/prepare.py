@@ -71,7 +71,7 @@ class Prepared:
                                                f"finished at {self.finished_at}")
         lines = [f"data          {self.rows_in:,} rows -> {self.rows_out:,} {'sequences' if self.method == 'sft' else 'pairs'}, "
                  f"{self.tokens:,} tokens ({self.loss_tokens:,} in the loss){fill}, {how}",
-                 f"data cache    {Path(self.path).parent} (key {self.key})"]
+                 f"data cache    {self.path.rsplit('/', 1)[0]} (key {self.key})"]
         for reason, n in sorted(self.drops.items(), key=lambda kv: -kv[1]):
             example = (self.drop_examples.get(reason) or [""])[0]
             lines.append(f"data dropped  {n:,} rows: {reason}" + (f"  e.g. {example}" if example else ""))
@@ -384,7 +384,8 @@ class TokenizeActor:
         import pyarrow.parquet as pq
         import ray
 
-        pq.write_table(out, os.path.join(self.out_dir, f"part-{block:06d}.parquet"))
+        fs, out_dir = storage_fs(self.out_dir)
+        pq.write_table(out, f"{out_dir}/part-{block:06d}.parquet", filesystem=fs)
         _, tokens, loss_tokens = _stats(out, self.method)
         return pa.table({"rows": [len(rows)], "rows_out": [out.num_rows], "tokens": [tokens], "loss_tokens": [loss_tokens],
                          "drops": [json.dumps(drops)],
@@ -531,7 +532,8 @@ def tokenize_split(ds, out_dir: str, method: str, tokenizer_path: str, training:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled" notice
-    os.makedirs(out_dir, exist_ok=True)
+    fs, path = storage_fs(out_dir)
+    fs.create_dir(path, recursive=True)
     # Blocks of exactly ROWS_PER_BLOCK rows, numbered in order: the batches TRL's own datasets.map would pack.
     table = ds.with_format("arrow")[:]
     blocks = []
@@ -562,55 +564,42 @@ def tokenize_split(ds, out_dir: str, method: str, tokenizer_path: str, training:
     return totals.get()
 
 
+def storage_fs(path: str):
+    """(pyarrow filesystem, path in it) for a local path or a URI (s3://, gs://, file://): the prepared cache
+    lives in the run storage, which on a cluster without a shared folder is an object store."""
+    import pyarrow.fs
+
+    if "://" in path:
+        return pyarrow.fs.FileSystem.from_uri(path)
+    return pyarrow.fs.LocalFileSystem(), path
+
+
 def prepare(plan, log=print) -> Prepared:
-    """Mixture -> Ray Data actors (TRL tokenization + packing) -> Parquet shards at a content key."""
+    """Mixture -> Ray Data actors (TRL tokenization + packing) -> Parquet shards at a content key.
+
+    Nothing half-written is ever read: in a local or shared folder the shards go to a temp folder renamed
+    to the key when complete; in an object store (no rename) to `<key>/attempt-<id>/`, committed by writing
+    `<key>/manifest.json` (one object, written whole) last."""
     check_sources(plan.script)
-    root = Path(plan.storage_path) / "prepared"
     train, test, sources = load_mixture(plan.script)
     spec = cache_spec(plan, sources, train._fingerprint)
     key = cache_key(spec)
+    if "://" in plan.storage_path:
+        return _prepare_in_object_store(plan, train, test, spec, key, log)
+    root = Path(plan.storage_path) / "prepared"
     final = root / key
     manifest = final / "manifest.json"
     if root.exists():
         _remove_abandoned(root, log)
     if manifest.exists():
-        prepared = Prepared(**json.loads(manifest.read_text()))
-        prepared.reused = True
-        log(prepared.render())
-        return prepared
+        return _reuse(manifest.read_text(), log)
 
     root.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
     tmp = root / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     (tmp / "owner.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-    tokenizer_path = plan.model["model_name_or_path"]
-    log(f"data          tokenizing {len(train):,} rows with Ray Data ({plan.method.upper()}, TRL {spec['trl']}) ...")
     try:
-        stats = tokenize_split(train, str(tmp / "train"), plan.method, tokenizer_path, plan.training, plan.data, log)
-        rows_out, tokens, loss_tokens = stats["rows_out"], stats["tokens"], stats["loss_tokens"]
-        if rows_out == 0:
-            top = max(stats["drops"], key=stats["drops"].get) if stats["drops"] else None
-            why = f" (every row dropped, mostly '{top}', e.g. {stats['examples'].get(top, [''])[0]})" if top else ""
-            raise RecipeError(f"data preparation produced no rows{why}; check the dataset columns, chat template and max_length")
-        if plan.data.get("strict") and stats["drops"]:
-            reason = max(stats["drops"], key=stats["drops"].get)
-            raise RecipeError(
-                f"{sum(stats['drops'].values())} bad rows ({', '.join(f'{k}: {v}' for k, v in stats['drops'].items())}), "
-                f"e.g. {stats['examples'].get(reason, [''])[0]}; fix the data or unset ray.strict_data to drop them"
-            )
-        packing = plan.method == "sft" and plan.training.get("packing")
-        eval_path = None
-        if test is not None:
-            tokenize_split(test, str(tmp / "test"), plan.method, tokenizer_path, plan.training, plan.data, lambda _: None)
-            eval_path = str(final / "test")
-        prepared = Prepared(
-            path=str(final / "train"), key=key, method=plan.method, rows_in=len(train), rows_out=rows_out,
-            tokens=tokens, loss_tokens=loss_tokens,
-            fill_ratio=round(tokens / (rows_out * plan.training["max_length"]), 6) if packing else None,
-            seconds=round(time.time() - t0, 2), drops=stats["drops"], drop_examples=stats["examples"],
-            nodes=len(stats["nodes"]), eval_path=eval_path, spec=spec, finished_at=time.strftime("%H:%M:%S"),
-        )
+        prepared = _tokenize(plan, train, test, spec, key, str(tmp), str(final), log)
         (tmp / "owner.json").unlink()
         (tmp / "manifest.json").write_text(json.dumps(asdict(prepared), indent=2))
         try:
@@ -625,11 +614,84 @@ def prepare(plan, log=print) -> Prepared:
     return prepared
 
 
+def _prepare_in_object_store(plan, train, test, spec, key, log) -> Prepared:
+    import pyarrow.fs
+
+    base = f"{plan.storage_path.rstrip('/')}/prepared/{key}"
+    fs, base_path = storage_fs(base)
+    manifest = f"{base_path}/manifest.json"
+
+    def committed() -> str | None:
+        if fs.get_file_info(manifest).type == pyarrow.fs.FileType.NotFound:
+            return None
+        with fs.open_input_stream(manifest) as f:
+            return f.read().decode()
+
+    if (text := committed()) is not None:
+        return _reuse(text, log)
+    attempt = f"attempt-{uuid.uuid4().hex[:8]}"
+    done = False
+    try:
+        prepared = _tokenize(plan, train, test, spec, key, f"{base}/{attempt}", f"{base}/{attempt}", log)
+        if (text := committed()) is not None:  # a concurrent preparation of the same key finished first
+            return _reuse(text, log)
+        with fs.open_output_stream(manifest) as f:
+            f.write(json.dumps(asdict(prepared), indent=2).encode())
+        done = True
+    finally:  # a failed attempt removes its shards; one killed outright leaves a folder no manifest names
+        if not done and fs.get_file_info(f"{base_path}/{attempt}").type != pyarrow.fs.FileType.NotFound:
+            fs.delete_dir(f"{base_path}/{attempt}")
+    log(prepared.render())
+    return prepared
+
+
+def _reuse(manifest_text: str, log) -> Prepared:
+    prepared = Prepared(**json.loads(manifest_text))
+    prepared.reused = True
+    log(prepared.render())
+    return prepared
+
+
+def _tokenize(plan, train, test, spec, key, out: str, final: str, log) -> Prepared:
+    """Both splits through the Ray Data pipeline into `out`; the returned paths point at `final`, where the
+    shards will be once committed."""
+    t0 = time.time()
+    tokenizer_path = plan.model["model_name_or_path"]
+    log(f"data          tokenizing {len(train):,} rows with Ray Data ({plan.method.upper()}, TRL {spec['trl']}) ...")
+    stats = tokenize_split(train, f"{out}/train", plan.method, tokenizer_path, plan.training, plan.data, log)
+    rows_out, tokens, loss_tokens = stats["rows_out"], stats["tokens"], stats["loss_tokens"]
+    if rows_out == 0:
+        top = max(stats["drops"], key=stats["drops"].get) if stats["drops"] else None
+        why = f" (every row dropped, mostly '{top}', e.g. {stats['examples'].get(top, [''])[0]})" if top else ""
+        raise RecipeError(f"data preparation produced no rows{why}; check the dataset columns, chat template and max_length")
+    if plan.data.get("strict") and stats["drops"]:
+        reason = max(stats["drops"], key=stats["drops"].get)
+        raise RecipeError(
+            f"{sum(stats['drops'].values())} bad rows ({', '.join(f'{k}: {v}' for k, v in stats['drops'].items())}), "
+            f"e.g. {stats['examples'].get(reason, [''])[0]}; fix the data or unset ray.strict_data to drop them"
+        )
+    packing = plan.method == "sft" and plan.training.get("packing")
+    eval_path = None
+    if test is not None:
+        tokenize_split(test, f"{out}/test", plan.method, tokenizer_path, plan.training, plan.data, lambda _: None)
+        eval_path = f"{final}/test"
+    return Prepared(
+        path=f"{final}/train", key=key, method=plan.method, rows_in=len(train), rows_out=rows_out,
+        tokens=tokens, loss_tokens=loss_tokens,
+        fill_ratio=round(tokens / (rows_out * plan.training["max_length"]), 6) if packing else None,
+        seconds=round(time.time() - t0, 2), drops=stats["drops"], drop_examples=stats["examples"],
+        nodes=len(stats["nodes"]), eval_path=eval_path, spec=spec, finished_at=time.strftime("%H:%M:%S"),
+    )
+
+
 def read_prepared(path: str):
     """The prepared shards as a map-style `datasets.Dataset` (what the Trainer's sampler expects)."""
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = sorted(str(f) for f in Path(path).glob("*.parquet"))
-    return datasets.Dataset(pa.concat_tables([pq.read_table(f) for f in files]))
+    import pyarrow.fs
+
+    fs, root = storage_fs(path)
+    files = sorted(f.path for f in fs.get_file_info(pyarrow.fs.FileSelector(root)) if f.path.endswith(".parquet"))
+    return datasets.Dataset(pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files]))

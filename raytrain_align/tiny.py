@@ -78,6 +78,10 @@ def tiny_overrides(recipe) -> dict[str, Any]:
 
 
 def assets_dir(storage_path: str) -> Path:
+    """Beside the runs in a local or shared storage folder; under remote storage (s3://...) in this machine's
+    cache, since `from_pretrained` and `load_dataset` need files (the tiny demo runs on one machine)."""
+    if "://" in storage_path:
+        return Path.home() / ".cache" / "raytrain_align" / "tiny_assets" / TINY_VERSION
     return Path(storage_path) / "_tiny_assets" / TINY_VERSION
 
 

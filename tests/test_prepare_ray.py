@@ -161,3 +161,32 @@ def test_cache_reused_and_killed_preparation_leaves_nothing(two_nodes, slow_reci
     assert cleanup.returncode == 0
     assert "left half-written by a preparation that was killed" in cleanup.stdout
     assert [p.name for p in prepared.iterdir()] == [manifest["key"]]
+
+
+def test_object_store_cache(ray_client, tmp_path, monkeypatch):
+    """Storage given as a URI (s3://... on a cluster without a shared folder; file:// here, through the same
+    pyarrow-filesystem code): shards go to `<key>/attempt-<id>/`, the manifest written last commits them, a
+    second preparation reuses them, and reading through the URI gives what a local-folder preparation gives."""
+    from raytrain_align.plan import build_plan
+    from raytrain_align.recipe import load_recipe
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # tiny assets go to ~/.cache under remote storage
+    uri = f"file://{tmp_path}/bucket/runs"
+    plans = {where: build_plan(load_recipe("sft_mid"), tiny=True, storage=storage)
+             for where, storage in (("remote", uri), ("local", str(tmp_path / "local")))}
+    assert plans["remote"].storage_path == uri
+    for plan in plans.values():
+        tiny.materialize(tiny.assets_dir(plan.storage_path), plan.recipe_model)
+    assert tiny.assets_dir(uri).is_relative_to(tmp_path / "home")
+
+    remote = prepare.prepare(plans["remote"], log=lambda _: None)
+    assert remote.path.startswith(f"{uri}/prepared/{remote.key}/attempt-") and not remote.reused
+    key_dir = tmp_path / "bucket" / "runs" / "prepared" / remote.key
+    assert sorted(p.name for p in key_dir.iterdir()) == [remote.path.split("/")[-2], "manifest.json"]
+    again = prepare.prepare(plans["remote"], log=lambda _: None)
+    assert again.reused and again.path == remote.path
+
+    local = prepare.prepare(plans["local"], log=lambda _: None)
+    assert (remote.rows_out, remote.tokens) == (local.rows_out, local.tokens)
+    ours, theirs = prepare.read_prepared(remote.path), prepare.read_prepared(local.path)
+    assert ours["input_ids"] == theirs["input_ids"] and ours["labels"] == theirs["labels"]
