@@ -12,12 +12,15 @@ import sys
 
 from .errors import RecipeError
 
-COMMANDS = ("plan", "prepare", "recipes", "train")
+COMMANDS = ("plan", "prepare", "recipes", "train", "pipeline")
 
 
-def _parser(prog: str) -> argparse.ArgumentParser:
+def _parser(prog: str, stages: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Train alignment-handbook recipes on a Ray cluster.")
-    p.add_argument("recipe", help="registered recipe name (see `recipes`) or path to a recipe YAML")
+    if stages:
+        p.add_argument("recipes", nargs="+", help="recipes to run in order, each from the previous one's model")
+    else:
+        p.add_argument("recipe", help="registered recipe name (see `recipes`) or path to a recipe YAML")
     p.add_argument("--tiny", action="store_true", help="embedded default: tiny model + synthetic data, 2 CPU workers")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     p.add_argument("--nodes", type=int, help="number of nodes (default: recipe ray.nodes)")
@@ -51,18 +54,36 @@ def _handbook_overrides(extra: list[str]) -> list[str]:
     return out
 
 
-def _load(args, extra):
+def _load(args, extra, recipe_name: str | None = None, stage_overrides: dict | None = None, output_dir: str | None = None,
+          quiet: bool = False):
     from .plan import build_plan
     from .recipe import load_recipe, parse_set
 
-    overrides = parse_set(args.sets + _handbook_overrides(extra))
-    recipe = load_recipe(args.recipe, overrides, args.accelerate_config)
-    for w in recipe.warnings:
+    overrides = {**parse_set(args.sets + _handbook_overrides(extra)), **(stage_overrides or {})}
+    recipe = load_recipe(recipe_name or args.recipe, overrides, args.accelerate_config)
+    for w in [] if quiet else recipe.warnings:
         print(w, file=sys.stderr)
     return build_plan(
         recipe, tiny=args.tiny, nodes=args.nodes, gpus_per_node=args.gpus_per_node, storage=args.storage,
-        output_dir=args.output_dir, max_failures=args.max_failures, explicit=frozenset(overrides),
+        output_dir=output_dir or args.output_dir, max_failures=args.max_failures, explicit=frozenset(overrides),
     )
+
+
+def _pipeline(argv: list[str], prog: str) -> int:
+    from . import pipeline
+
+    args, extra = _parser(f"{prog} pipeline", stages=True).parse_known_args(argv)
+    shown: set[str] = set()
+
+    def build(name, stage_overrides, output_dir):
+        plan = _load(args, extra, name, stage_overrides, output_dir, quiet=name in shown)  # warnings once per recipe
+        shown.add(name)
+        return plan
+
+    plans = pipeline.chain_plans(args.recipes, build, output_base=args.output_dir)
+    results = pipeline.run(plans)
+    print(pipeline.render(results), flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not argv or argv[0] in ("-h", "--help"):
             _parser(prog).print_help()
-            print("\ncommands: RECIPE (train) | plan RECIPE | prepare RECIPE | recipes")
+            print("\ncommands: RECIPE (train) | plan RECIPE | prepare RECIPE | pipeline RECIPE [RECIPE ...] | recipes")
             return 0
         if argv[0] == "recipes":
             from .recipe import RECIPES, recipes_root
@@ -79,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, (rel, method) in RECIPES.items():
                 print(f"{name:16s} {method.upper():4s} {recipes_root() / rel}")
             return 0
+        if argv[0] == "pipeline":
+            return _pipeline(argv[1:], prog)
         command = "train"
         if argv[0] in ("plan", "prepare", "train"):
             command, argv = argv[0], argv[1:]

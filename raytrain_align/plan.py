@@ -199,8 +199,9 @@ def build_plan(
     if tiny:
         assets = tiny_mod.assets_dir(storage_path)
         script = tiny_mod.tiny_script(recipe, assets)
-        model["model_name_or_path"] = str(tiny_mod.model_dir(assets, recipe.model["model_name_or_path"]))
-        overrides["model_name_or_path"] = f"tiny {tiny_mod._family(recipe.model['model_name_or_path'])} built from a config"
+        if "model_name_or_path" not in explicit:  # e.g. a pipeline stage starting from the previous stage's export
+            model["model_name_or_path"] = str(tiny_mod.model_dir(assets, recipe.model["model_name_or_path"]))
+            overrides["model_name_or_path"] = f"tiny {tiny_mod._family(recipe.model['model_name_or_path'])} built from a config"
     out = output_dir or training.get("output_dir") or f"data/{run_name}"
     if tiny and not output_dir:
         out = f"{out}-tiny"

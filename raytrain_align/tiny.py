@@ -85,6 +85,9 @@ def assets_dir(storage_path: str) -> Path:
     return Path(storage_path) / "_tiny_assets" / TINY_VERSION
 
 
+TINY_MAX_COPIES = 2.0  # synthetic rows per run: at most 2 x a task file (1,200 rows), a few minutes on 2 cores
+
+
 def tiny_script(recipe, assets: Path) -> dict[str, Any]:
     """The recipe's mixture with each Hub entry pointed at a local synthetic file (weights and columns kept);
     entries that already are local files stay, so --tiny runs a user's own data on the tiny model."""
@@ -102,6 +105,11 @@ def tiny_script(recipe, assets: Path) -> dict[str, Any]:
             {"id": str(assets / "data" / f"{tasks[i % len(tasks)]}.jsonl"), "split": "train",
              "columns": e.get("columns"), "weight": e.get("weight", 1.0)}
         )
+    synthetic = [d for d, e in zip(datasets_, entries) if not _is_local(e["id"])]
+    total = sum(d["weight"] or 1.0 for d in synthetic)
+    if total > TINY_MAX_COPIES:  # e.g. the 25-split multi-task mixture: keep its proportions, not its size
+        for d in synthetic:
+            d["weight"] = round((d["weight"] or 1.0) * TINY_MAX_COPIES / total, 6)
     seed = mix.get("seed", 0) if mix else 0
     test = mix.get("test_split_size") if mix else None
     if isinstance(test, int) and not isinstance(test, bool) and test >= 1:
@@ -243,12 +251,14 @@ def model_dir(assets: Path, model_id: str) -> Path:
 # --------------------------------------------------------------------------------------------- scoring
 
 
-def _answer_logprob(model, tok, template, prompt: list[dict], answer: list[dict]) -> tuple[float, int]:
+def _answer_logprob(model, tok, template, prompt: list[dict], answer: list[dict],
+                    template_kwargs: dict | None = None) -> tuple[float, int]:
     """Sum of log-probabilities of the answer's content tokens after the prompt, and their count."""
     import torch
 
-    text = tok.apply_chat_template(prompt, chat_template=template, add_generation_prompt=True, tokenize=False)
-    full = tok.apply_chat_template(prompt + answer, chat_template=template, tokenize=False)
+    kw = template_kwargs or {}
+    text = tok.apply_chat_template(prompt, chat_template=template, add_generation_prompt=True, tokenize=False, **kw)
+    full = tok.apply_chat_template(prompt + answer, chat_template=template, tokenize=False, **kw)
     p_ids = tok(text, add_special_tokens=False)["input_ids"]
     ids = tok(full, add_special_tokens=False)["input_ids"]
     a_len = len(tok(answer[-1]["content"], add_special_tokens=False)["input_ids"])
@@ -267,13 +277,16 @@ def _load(model_path):
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(model_path)
 
 
-def answer_nll(model_path: str | Path, eval_file: str | Path, chat_template: str | None = None) -> float:
-    """Mean negative log-likelihood per token of the assistant answers in `eval_file` (lower is better)."""
+def answer_nll(model_path: str | Path, eval_file: str | Path, chat_template: str | None = None,
+               template_kwargs: dict | None = None) -> float:
+    """Mean negative log-likelihood per token of the assistant answers in `eval_file` (lower is better), with the
+    prompts rendered by `chat_template` (default: the model's own) and its `template_kwargs` (e.g. the
+    `enable_thinking: false` the synthetic rows train with)."""
     model, tok = _load(model_path)
     total, count = 0.0, 0
     for line in Path(eval_file).read_text().splitlines():
         msgs = json.loads(line)["messages"]
-        logp, n = _answer_logprob(model, tok, chat_template or tok.chat_template, msgs[:-1], msgs[-1:])
+        logp, n = _answer_logprob(model, tok, chat_template or tok.chat_template, msgs[:-1], msgs[-1:], template_kwargs)
         total, count = total - logp, count + n
     return total / max(count, 1)
 

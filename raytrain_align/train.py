@@ -27,7 +27,9 @@ def _trainer_and_config(method: str):
     if method == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        return SFTTrainer, SFTConfig, {"dataset_kwargs": {"skip_prepare_dataset": True}}
+        # assistant_only_loss: the masks are already in the prepared `labels`; TRL would refuse token ids
+        # ("dataset is not conversational") and swap in a training chat template that the export would keep.
+        return SFTTrainer, SFTConfig, {"dataset_kwargs": {"skip_prepare_dataset": True}, "assistant_only_loss": False}
     from trl import DPOConfig, DPOTrainer
 
     class PreparedDPOTrainer(DPOTrainer):

@@ -143,3 +143,28 @@ def test_registered_recipes_plan_without_warnings(capsys):
         cap = capsys.readouterr()
         assert "warning" not in cap.err, (name, cap.err)
         assert json.loads(cap.out)["method"] == RECIPES[name][1]
+
+
+def test_pipeline_chains_stage_plans(tmp_path):
+    """Each later stage starts from the previous stage's export, with its own stable run name; a bad stage
+    fails the whole command before anything runs."""
+    from raytrain_align import cli, pipeline
+
+    argv = ["sft_mid", "sft_multi_task", "dpo_apo_zero", "--tiny", "--storage", str(tmp_path), "--output-dir",
+            str(tmp_path / "models")]
+
+    def chain():
+        args, extra = cli._parser("pipeline", stages=True).parse_known_args(argv)
+        return pipeline.chain_plans(args.recipes, lambda n, o, d: cli._load(args, extra, n, o, d, quiet=True), args.output_dir)
+
+    plans = chain()
+    assert [p.method for p in plans] == ["sft", "sft", "dpo"]
+    assert plans[0].run_name == "smollm3-midtraining-tiny"  # stage 1 is the recipe's own run: a finished one is reused
+    assert plans[1].model["model_name_or_path"] == plans[0].output_dir == str(tmp_path / "models" / plans[0].run_name)
+    assert plans[2].model["model_name_or_path"] == plans[1].output_dir
+    assert len({p.run_name for p in plans}) == 3 and all("-after-" in p.run_name for p in plans[1:])
+    assert [p.run_name for p in chain()] == [p.run_name for p in plans]  # stable: a re-run finds its stages
+
+    proc = run_cli(["pipeline", "sft_mid", "sft_mid_typo", "--tiny", "--storage", str(tmp_path / "s")])
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: unknown recipe 'sft_mid_typo'")
+    assert not (tmp_path / "s").exists()  # nothing prepared or trained
