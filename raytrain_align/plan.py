@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,12 @@ def accelerate_env(config_path: Path, num_machines: int, num_processes: int, mix
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     argv = ["--config_file", str(config_path), "--num_machines", str(num_machines), "--num_processes", str(num_processes)]
-    argv += ["--machine_rank", "0", "--main_process_ip", "127.0.0.1", "--main_process_port", "29500"]
+    # Ray Train forms the process group itself; the port only has to satisfy accelerate's in-use check
+    # (a busy 29500, e.g. a torchrun job on this machine, would make it refuse a multi-node plan).
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv += ["--machine_rank", "0", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
     if mixed_precision:
         argv += ["--mixed_precision", mixed_precision]
     args = launch_command_parser().parse_args(argv + ["train.py"])
