@@ -101,9 +101,14 @@ def tiny_script(recipe, assets: Path) -> dict[str, Any]:
         if _is_local(e["id"]):
             datasets_.append(dict(e))
             continue
+        columns = e.get("columns")
+        if recipe.method == "dpo" and columns and "prompt" not in columns:
+            # e.g. ultrafeedback_binarized keeps the user turn inside chosen/rejected; the synthetic pairs
+            # have an explicit prompt column, which TRL's DPO preparation needs then
+            columns = ["prompt", *columns]
         datasets_.append(
             {"id": str(assets / "data" / f"{tasks[i % len(tasks)]}.jsonl"), "split": "train",
-             "columns": e.get("columns"), "weight": e.get("weight", 1.0)}
+             "columns": columns, "weight": e.get("weight", 1.0)}
         )
     synthetic = [d for d, e in zip(datasets_, entries) if not _is_local(e["id"])]
     total = sum(d["weight"] or 1.0 for d in synthetic)
@@ -271,10 +276,19 @@ def _answer_logprob(model, tok, template, prompt: list[dict], answer: list[dict]
 
 
 def _load(model_path):
+    """A model folder, or a LoRA export (adapter + tokenizer): its base model with the adapter applied by PEFT."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(model_path)
+    adapter = Path(model_path) / "adapter_config.json"
+    if adapter.exists():
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(json.loads(adapter.read_text())["base_model_name_or_path"], dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, model_path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(model_path)
 
 
 def answer_nll(model_path: str | Path, eval_file: str | Path, chat_template: str | None = None,

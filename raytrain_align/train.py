@@ -179,6 +179,16 @@ def _last_logs(history: list[dict]) -> dict[str, float]:
     return out
 
 
+def _peft_config(model_fields: dict[str, Any]):
+    """The handbook's ModelConfig LoRA fields (`use_peft`, `lora_r`, ...) -> TRL's own `get_peft_config`."""
+    from dataclasses import fields
+
+    from trl import ModelConfig, get_peft_config
+
+    known = {f.name for f in fields(ModelConfig)}
+    return get_peft_config(ModelConfig(**{k: v for k, v in model_fields.items() if k in known}))
+
+
 def _zero_facts(trainer) -> dict[str, Any]:
     """What the model really is after the Trainer prepared it: ZeRO stage and whether params are partitioned."""
     engine = trainer.model_wrapped
@@ -190,6 +200,10 @@ def _zero_facts(trainer) -> dict[str, Any]:
         facts["params_partitioned"] = bool(params) and all(hasattr(p, "ds_tensor") for p in params)
         facts["local_partition_numel"] = int(sum(p.ds_tensor.numel() for p in params if hasattr(p, "ds_tensor")))
         facts["full_param_numel"] = int(sum(getattr(p, "ds_numel", p.numel()) for p in params))
+    if hasattr(trainer.model, "peft_config"):  # LoRA: only the adapters train (ZeRO-3 partitions them too)
+        facts["peft"] = type(trainer.model).__name__
+        facts["trainable_numel"] = int(sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters()
+                                           if p.requires_grad))
     ref = getattr(trainer, "ref_model", None)
     if ref is not None:  # DPO's reference model: a DeepSpeed engine of its own, partitioned like the policy
         ref_params = list(getattr(ref, "module", ref).parameters())
@@ -260,9 +274,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if prepared.get("eval_path") and args.eval_strategy != "no":
         eval_dataset = read_prepared(prepared["eval_path"])
     # DPO: with no ref_model TRL loads the reference from the same path — under zero.Init, so it is
-    # partitioned like the policy — and wraps it in a DeepSpeed inference engine.
+    # partitioned like the policy — and wraps it in a DeepSpeed inference engine. With LoRA (use_peft) the
+    # reference is the same model with its adapters disabled: no second copy.
     trainer = trainer_cls(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+        peft_config=_peft_config(plan.model),
         callbacks=[_report_callback(), _progress_callback(), timer := _timing_callback()],
     )
     from transformers.trainer_callback import PrinterCallback
