@@ -1,81 +1,13 @@
-"""The plain DPO path: the alignment-handbook's `scripts/dpo.py`, reduced like benchmarks/handbook_sft.py, launched
-with `accelerate launch --config_file recipes/accelerate_configs/zero3.yaml benchmarks/handbook_dpo.py RECIPE.yaml`.
-
-Same steps as the handbook: tokenizer with the recipe's chat_template, model from_pretrained (under
-zero.Init with ZeRO-3, `use_cache=False` when gradient checkpointing), the dataset mixture (local JSON
-files: per entry columns, seeded shuffle, `int(len x weight)` rows, concatenated and shuffled), and TRL's
-DPOTrainer (no ref_model: it loads the reference from the same path), which tokenizes on its own. The
-recipe's `ray:` section is ignored. The only additions are measurement: the same StepTimer callback the
-Ray workers use, and a JSON of its stats written by rank 0 to $BENCH_RESULT.
+"""The plain DPO path: the alignment-handbook's `scripts/dpo.py` reduced like `handbook_sft.py` (the same steps,
+with TRL's DPOTrainer, which tokenizes the pairs itself), launched with
+`accelerate launch --config_file recipes/accelerate_configs/zero3.yaml benchmarks/handbook_dpo.py RECIPE.yaml`.
 """
 
-from __future__ import annotations
-
-import dataclasses
-import json
 import os
 import sys
-import time
 
-T_START = time.time()
-
-
-def main(path: str) -> None:
-    import datasets
-    import torch
-    import yaml
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer, ModelConfig
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from raytrain_align.attention import register
-    from raytrain_align.train import _timing_callback
-
-    register()  # lets a recipe name attn_implementation: sdpa_varlen here too
-    raw = yaml.safe_load(open(path))
-    raw.pop("ray", None)
-    mixture = raw.pop("dataset_mixture")
-    chat_template = raw.pop("chat_template", None)
-    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
-    dpo_keys = {f.name for f in dataclasses.fields(DPOConfig)}
-    model_args = {k: v for k, v in raw.items() if k in model_keys}
-    train_args = {k: v for k, v in raw.items() if k in dpo_keys}
-    if os.environ.get("BENCH_CPU"):  # CPU smoke test of this script only
-        train_args.update(use_cpu=True, bf16=False)
-    args = DPOConfig(**train_args)
-
-    tok = AutoTokenizer.from_pretrained(model_args["model_name_or_path"])
-    if chat_template:
-        tok.chat_template = chat_template
-    dtype = model_args.get("dtype")
-    model = AutoModelForCausalLM.from_pretrained(
-        model_args["model_name_or_path"],
-        attn_implementation=model_args.get("attn_implementation"),
-        dtype=getattr(torch, dtype) if dtype not in (None, "auto") else dtype,
-        use_cache=not args.gradient_checkpointing,
-    )
-
-    parts = []
-    seed = mixture.get("seed", 0)
-    for entry in mixture["datasets"]:
-        ds = datasets.load_dataset("json", data_files=entry["id"], split="train")
-        if entry.get("columns"):
-            ds = ds.select_columns(entry["columns"])
-        ds = ds.shuffle(seed=seed)
-        ds = ds.select(range(int(len(ds) * entry.get("weight", 1.0))))
-        parts.append(ds)
-    train = datasets.concatenate_datasets(parts).shuffle(seed=seed)
-
-    timer = _timing_callback()
-    trainer = DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tok, callbacks=[timer])
-    t0 = time.time()
-    trainer.train()
-    if trainer.is_world_process_zero() and os.environ.get("BENCH_RESULT"):
-        out = {"timing": timer.stats, "log_history": trainer.state.log_history, "train_seconds": time.time() - t0,
-               "process_start_unix": T_START, "world_size": trainer.args.world_size}
-        with open(os.environ["BENCH_RESULT"], "w") as f:
-            json.dump(out, f, indent=2, default=str)
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from handbook_sft import main  # noqa: E402
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], method="dpo")

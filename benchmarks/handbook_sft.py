@@ -1,5 +1,6 @@
 """The plain path: the alignment-handbook's `scripts/sft.py`, reduced to what a packed SFT run does, launched
-with `accelerate launch --config_file recipes/accelerate_configs/zero3.yaml benchmarks/handbook_sft.py RECIPE.yaml`.
+with `accelerate launch --config_file recipes/accelerate_configs/zero3.yaml benchmarks/handbook_sft.py RECIPE.yaml`
+(`benchmarks/handbook_dpo.py` runs the same steps with DPOTrainer, like the handbook's `scripts/dpo.py`).
 
 Same steps as the handbook: tokenizer with the recipe's chat_template, model from_pretrained (under
 zero.Init with ZeRO-3, `use_cache=False` when gradient checkpointing), the dataset mixture (local JSON
@@ -20,12 +21,16 @@ import time
 T_START = time.time()
 
 
-def main(path: str) -> None:
+def main(path: str, method: str = "sft") -> None:
     import datasets
     import torch
+    import trl
     import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import ModelConfig, SFTConfig, SFTTrainer
+    from trl import ModelConfig
+
+    # DPO: no ref_model, so TRL loads the reference from the same path (under zero.Init with ZeRO-3)
+    config_cls, trainer_cls = (trl.SFTConfig, trl.SFTTrainer) if method == "sft" else (trl.DPOConfig, trl.DPOTrainer)
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from raytrain_align.attention import register
@@ -37,12 +42,12 @@ def main(path: str) -> None:
     mixture = raw.pop("dataset_mixture")
     chat_template = raw.pop("chat_template", None)
     model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
-    sft_keys = {f.name for f in dataclasses.fields(SFTConfig)}
+    train_keys = {f.name for f in dataclasses.fields(config_cls)}
     model_args = {k: v for k, v in raw.items() if k in model_keys}
-    train_args = {k: v for k, v in raw.items() if k in sft_keys}
+    train_args = {k: v for k, v in raw.items() if k in train_keys}
     if os.environ.get("BENCH_CPU"):  # CPU smoke test of this script only
         train_args.update(use_cpu=True, bf16=False)
-    args = SFTConfig(**train_args)
+    args = config_cls(**train_args)
 
     tok = AutoTokenizer.from_pretrained(model_args["model_name_or_path"])
     if chat_template:
@@ -67,7 +72,7 @@ def main(path: str) -> None:
     train = datasets.concatenate_datasets(parts).shuffle(seed=seed)
 
     timer = _timing_callback()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok, callbacks=[timer])
+    trainer = trainer_cls(model=model, args=args, train_dataset=train, processing_class=tok, callbacks=[timer])
     t0 = time.time()
     trainer.train()
     if trainer.is_world_process_zero() and os.environ.get("BENCH_RESULT"):
