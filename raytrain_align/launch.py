@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def run(plan: Plan, log=print):
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": asdict(plan), "prepared": asdict(prepared)},
+        train_loop_config={"plan": asdict(plan), "prepared": asdict(prepared), "scratch_id": uuid.uuid4().hex[:12]},
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo", timeout_s=plan.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=plan.world_size, use_gpu=plan.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(

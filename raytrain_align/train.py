@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -238,7 +239,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     from transformers import AutoModelForCausalLM
     trainer_cls, config_cls, skip_prepare = _trainer_and_config(plan.method)
-    scratch = Path(tempfile.gettempdir()) / "raytrain_align" / plan.run_name / f"job-{ctx.get_experiment_name()}"
+    # Node-local scratch for this fit() only (the driver's id): a folder shared with an earlier run of the same
+    # name would leak its files into this run's export (e.g. a LoRA adapter beside a full model).
+    scratch = Path(tempfile.gettempdir()) / "raytrain_align" / plan.run_name / config["scratch_id"]
     training = {k: v for k, v in plan.training.items() if k not in NOT_TRL_CONFIG}
     training.update(
         output_dir=str(scratch / "hf"),
@@ -322,3 +325,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         final_ckpt = ray.train.Checkpoint.from_directory(str(export))
     ray.train.report({**metrics, **{f"fact_{k}": v for k, v in facts.items()}, "final": 1}, checkpoint=final_ckpt,
                      checkpoint_dir_name=FINAL_DIR)
+    torch.distributed.barrier()  # the export is in storage now (report persists it before returning)
+    if ctx.get_local_rank() == 0:
+        shutil.rmtree(scratch, ignore_errors=True)  # a 3B model's checkpoints and export, off the node's disk
