@@ -39,6 +39,31 @@ def _trainer_and_config(method: str):
         def _prepare_dataset(self, dataset, *args, **kwargs):
             return dataset
 
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            """`precompute_ref_log_probs: true`: TRL's pass (its collator, inference engine and
+            `compute_ref_log_probs`), with the columns attached in memory. TRL caches them in a file beside the
+            dataset's Arrow cache, which the prepared shards (read into memory) lack, and which other nodes could
+            not read; after `gather_for_metrics` every rank holds all of them anyway."""
+            import torch
+            from torch.utils.data import DataLoader
+            from trl.models import prepare_deepspeed
+
+            loader = self.accelerator.prepare(DataLoader(
+                dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
+                num_workers=self.args.dataloader_num_workers))
+            model = self.ref_model or self.model
+            if self.ref_model is None and self.is_deepspeed_enabled:  # ZeRO-3 shards: gather through an engine
+                if self._precompute_engine is None:
+                    self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+                model = self._precompute_engine
+            chosen, rejected = [], []
+            for batch in loader:
+                c, r = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
+                chosen.append(c.cpu())
+                rejected.append(r.cpu())
+            return (dataset.add_column("ref_chosen_logps", torch.cat(chosen).tolist())
+                    .add_column("ref_rejected_logps", torch.cat(rejected).tolist()))
+
     return PreparedDPOTrainer, DPOConfig, {}
 
 
@@ -205,6 +230,8 @@ def _zero_facts(trainer) -> dict[str, Any]:
         facts["peft"] = type(trainer.model).__name__
         facts["trainable_numel"] = int(sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters()
                                            if p.requires_grad))
+    if getattr(trainer, "precompute_ref_logps", False):  # DPO: reference log-probs computed once, before step 1
+        facts["ref_log_probs"] = "precomputed"
     ref = getattr(trainer, "ref_model", None)
     if ref is not None:  # DPO's reference model: a DeepSpeed engine of its own, partitioned like the policy
         ref_params = list(getattr(ref, "module", ref).parameters())
