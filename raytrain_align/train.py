@@ -49,6 +49,8 @@ QUIET_WARNINGS = (
     r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated.*",
     # transformers 5.2x renames gradient_checkpointing(_kwargs), which the handbook's recipes use; it maps them itself.
     r".*`gradient_checkpointing(_kwargs)?` is deprecated.*",
+    # ... and its own FSDP checkpoint saving calls the old gradient_checkpointing_* names at every save.
+    r".*`(is_gradient_checkpointing|gradient_checkpointing_enable|gradient_checkpointing_disable)` is deprecated.*",
 )
 
 
@@ -248,7 +250,8 @@ def _fsdp_facts(trainer) -> dict[str, Any]:
     ref = getattr(trainer, "ref_model", None)
     if ref is not None:  # TRL's prepare_fsdp: fully_shard over the same world mesh, no optimizer
         facts.update({f"ref_{k}": v for k, v in _sharding(ref).items()})
-        facts["ref_trainable"] = any(p.requires_grad for p in ref.parameters())
+        trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+        facts["ref_in_optimizer"] = any(id(p) in trained for p in ref.parameters())
     return facts
 
 
