@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError
-from .recipe import ACCELERATE_BACKENDS, Recipe
+from .recipe import ACCELERATE_BACKENDS, FSDP2_UNREAD_ENV, Recipe, fsdp2_launch_args
 
 
 @dataclass
@@ -49,6 +49,7 @@ class Plan:
     data: dict[str, Any] = field(default_factory=dict)  # data preparation options: strict, long_samples
     tiny_overrides: dict[str, Any] = field(default_factory=dict)
     recipe_model: str = ""  # the recipe's own model_name_or_path (before --tiny swapped it)
+    fsdp_config: dict[str, Any] | None = None  # the FSDP2 plugin accelerate builds from accelerate_env
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -58,12 +59,14 @@ class Plan:
         return cls(**d)
 
 
-def accelerate_env(config_path: Path, num_machines: int, num_processes: int, mixed_precision: str | None) -> dict[str, str]:
+def accelerate_env(config_path: Path, num_machines: int, num_processes: int, mixed_precision: str | None,
+                   extra_argv: list[str] = ()) -> dict[str, str]:
     """The ACCELERATE_*/FSDP_* variables `accelerate launch --config_file` sets, computed by accelerate itself."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     argv = ["--config_file", str(config_path), "--num_machines", str(num_machines), "--num_processes", str(num_processes)]
+    argv += list(extra_argv)
     # Ray Train forms the process group itself; the port only has to satisfy accelerate's in-use check
     # (a busy 29500, e.g. a torchrun job on this machine, would make it refuse a multi-node plan).
     with socket.socket() as sock:
@@ -82,7 +85,10 @@ def accelerate_env(config_path: Path, num_machines: int, num_processes: int, mix
             _, env = prepare_deepspeed_cmd_env(args)
     else:
         env = prepare_multi_gpu_env(args)
-    return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+    env = {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+    if env.get("FSDP_VERSION") == "2":  # the FSDP1 knobs FSDP2 does not read (recipe.py warned about each)
+        env = {k: v for k, v in env.items() if k not in FSDP2_UNREAD_ENV}
+    return env
 
 
 @contextlib.contextmanager
@@ -128,6 +134,35 @@ def deepspeed_config_for(env: dict[str, str], training: dict[str, Any], world_si
             cfg[k] = v
     cfg.pop("steps_per_print", None)
     return cfg
+
+
+def fsdp_config_for(env: dict[str, str]) -> dict[str, Any]:
+    """The FSDP2 settings accelerate's FullyShardedDataParallelPlugin resolves from that environment (and the
+    Accelerator's mixed precision), as plain values: what each worker's `fully_shard` calls will get."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    with patched_env(env), _quiet():
+        plugin = FullyShardedDataParallelPlugin()
+        mixed = env.get("ACCELERATE_MIXED_PRECISION", "no")
+        if mixed != "no":
+            plugin.set_mixed_precision(mixed)
+    wrap = getattr(plugin.auto_wrap_policy, "__name__", None)
+    if wrap == "transformer_auto_wrap_policy":
+        wrap = f"each {', '.join(plugin.transformer_cls_names_to_wrap or ['model._no_split_modules'])} module"
+    elif wrap == "size_based_auto_wrap_policy":
+        wrap = f"each module over {plugin.min_num_params:,} parameters"
+    mp = plugin.mixed_precision_policy
+    return {
+        "fsdp_version": plugin.fsdp_version,
+        "auto_wrap": wrap or "no wrap (one unit for the whole model)",
+        "reshard_after_forward": plugin.reshard_after_forward,
+        "offload_params": type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy",
+        "mixed_precision": {k: str(getattr(mp, k)).replace("torch.", "") for k in ("param_dtype", "reduce_dtype")}
+        if mp is not None else "no (parameters, compute and gradient reduction in the model's dtype)",
+        "state_dict_type": plugin.state_dict_type.name,
+        "cpu_ram_efficient_loading": plugin.cpu_ram_efficient_loading,
+        "activation_checkpointing": plugin.activation_checkpointing,
+    }
 
 
 def _positive(name: str, value) -> int:
@@ -190,8 +225,10 @@ def build_plan(
 
     backend = ACCELERATE_BACKENDS[acc["distributed_type"]]
     mixed = "no" if tiny else None
-    env = accelerate_env(recipe.accelerate_path, nodes_, world, mixed)
+    extra = fsdp2_launch_args(acc, recipe.accelerate_path)[0] if backend == "fsdp" else []
+    env = accelerate_env(recipe.accelerate_path, nodes_, world, mixed, extra)
     ds_cfg = deepspeed_config_for(env, training, world, gbs) if backend == "deepspeed" else None
+    fsdp_cfg = fsdp_config_for(env) if backend == "fsdp" else None
 
     run_name = training.get("run_name") or recipe.name
     if tiny:
@@ -247,6 +284,7 @@ def build_plan(
         data={"strict": bool(ray_cfg.get("strict_data")), "long_samples": long_samples},
         tiny_overrides=overrides,
         recipe_model=recipe.model["model_name_or_path"],
+        fsdp_config=fsdp_cfg,
     )
 
 
@@ -277,4 +315,6 @@ def describe(plan: Plan) -> str:
         lines.append("tiny          " + ", ".join(f"{k}={v}" for k, v in plan.tiny_overrides.items()))
     if plan.deepspeed_config:
         lines.append("deepspeed     " + json.dumps(plan.deepspeed_config, indent=2).replace("\n", "\n              "))
+    if plan.fsdp_config:
+        lines.append("fsdp          " + json.dumps(plan.fsdp_config, indent=2).replace("\n", "\n              "))
     return "\n".join(lines)

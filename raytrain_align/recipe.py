@@ -324,6 +324,8 @@ def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None, acce
     acc = accelerate_config or recipe.ray.get("accelerate_config") or "recipes/accelerate_configs/zero3.yaml"
     recipe.accelerate_path = _find_accelerate_config(acc, path)
     recipe.accelerate = load_accelerate_config(recipe.accelerate_path)
+    if recipe.accelerate["distributed_type"] == "FSDP":
+        recipe.warnings += fsdp2_launch_args(recipe.accelerate, recipe.accelerate_path)[1]
     return recipe
 
 
@@ -369,3 +371,68 @@ def load_accelerate_config(path: Path) -> dict:
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise RecipeError(f"accelerate config '{path}': {key} must be a positive int, got {v!r}")
     return data
+
+
+# ----------------------------------------------------------------------------------------------- FSDP2
+
+# fsdp_config keys of FSDP1-era configs (the handbook's fsdp.yaml) that FSDP2 in accelerate 1.15 no longer reads
+# (FullyShardedDataParallelPlugin reads them only for fsdp_version 1), and what FSDP2 does instead.
+FSDP2_NOT_HONOURED = {
+    "fsdp_backward_prefetch": "FSDP2 always prefetches the next layer's all-gather in backward (accelerate drops "
+                              "backward_prefetch)",
+    "fsdp_forward_prefetch": "FSDP2 has no explicit forward prefetch (accelerate refuses it); its implicit "
+                             "prefetching overlaps the all-gathers",
+    "fsdp_use_orig_params": "FSDP2 always trains the original parameters, as DTensors",
+    "fsdp_sync_module_states": "FSDP2 needs no sync; with fsdp_cpu_ram_efficient_loading rank 0's weights are "
+                               "broadcast into the shards",
+}
+# The environment variables accelerate's launcher derives from those keys; the FSDP2 plugin reads none of them.
+FSDP2_UNREAD_ENV = ("FSDP_SHARDING_STRATEGY", "FSDP_BACKWARD_PREFETCH", "FSDP_FORWARD_PREFETCH",
+                    "FSDP_USE_ORIG_PARAMS", "FSDP_SYNC_MODULE_STATES")
+# FSDP1 sharding strategies FSDP2 expresses as reshard_after_forward; the others need a 2-D mesh or no sharding.
+FSDP2_RESHARD = {"FULL_SHARD": "true", "SHARD_GRAD_OP": "false"}
+
+
+def fsdp2_launch_args(data: dict, path: Path) -> tuple[list[str], list[str]]:
+    """An FSDP accelerate config mapped onto FSDP2: the `accelerate launch` flags to add (fsdp_version 2 and
+    reshard_after_forward from the FSDP1 sharding strategy) and one warning line per key FSDP2 does not honour."""
+    from accelerate.commands.launch import launch_command_parser
+
+    where = f"accelerate config '{path}'"
+    fsdp = {(k if k.startswith("fsdp_") else f"fsdp_{k}"): v for k, v in (data.get("fsdp_config") or {}).items()}
+    known = {a.dest for a in launch_command_parser()._actions if a.dest.startswith("fsdp_")}
+    for key in fsdp:
+        if key not in known:
+            raise RecipeError(f"{where}: unknown key 'fsdp_config.{key}'{_closest(key, known)}")
+    warnings_: list[str] = []
+    if str(fsdp.get("fsdp_version", 2)) != "2":
+        warnings_.append(f"warning: {Path(path).name} says fsdp_version {fsdp['fsdp_version']}; raytrain_align runs FSDP2 "
+                         "(fsdp_version 2); FSDP1 is deprecated in torch and accelerate")
+    state = str(fsdp.get("fsdp_state_dict_type") or "SHARDED_STATE_DICT").upper()
+    if state not in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):
+        raise RecipeError(f"{where}: fsdp_state_dict_type {state} does not exist in FSDP2; use SHARDED_STATE_DICT "
+                          "(torch distributed checkpoint) or FULL_STATE_DICT")
+    reshard = fsdp.get("fsdp_reshard_after_forward")
+    strategy = fsdp.get("fsdp_sharding_strategy")
+    if isinstance(strategy, int) and not isinstance(strategy, bool) and 1 <= strategy <= 5:
+        strategy = ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2"][strategy - 1]
+    if reshard is None and strategy is not None:
+        if str(strategy).upper() not in FSDP2_RESHARD:
+            raise RecipeError(
+                f"{where}: fsdp_sharding_strategy {strategy} has no FSDP2 equivalent here; use FULL_SHARD "
+                "(reshard after forward) or SHARD_GRAD_OP (keep gathered until backward), or ddp.yaml for no sharding"
+            )
+        reshard = FSDP2_RESHARD[str(strategy).upper()]
+    elif reshard is not None and strategy is not None:
+        warnings_.append(f"warning: {Path(path).name}: fsdp_sharding_strategy {strategy} ignored: fsdp_reshard_after_forward "
+                         "is set and FSDP2 reads only that")
+    reshard = FSDP2_RESHARD.get(str(reshard).upper(), reshard)
+    if reshard is not None and str(reshard).lower() not in ("true", "false"):
+        raise RecipeError(f"{where}: fsdp_reshard_after_forward must be true or false under FSDP2, got {reshard!r}")
+    for key, why in FSDP2_NOT_HONOURED.items():
+        if key in fsdp:
+            warnings_.append(f"warning: {Path(path).name}: '{key}: {fsdp[key]}' not honoured by FSDP2: {why}")
+    argv = ["--fsdp_version", "2"]
+    if reshard is not None:
+        argv += ["--fsdp_reshard_after_forward", str(reshard).lower()]
+    return argv, warnings_

@@ -74,6 +74,8 @@ QUIET_WARNINGS = (
     r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated.*",
     # transformers 5.2x renames gradient_checkpointing(_kwargs), which the handbook's recipes use; it maps them itself.
     r".*`gradient_checkpointing(_kwargs)?` is deprecated.*",
+    # ... and its own FSDP checkpoint saving calls the old gradient_checkpointing_* names at every save.
+    r".*`(is_gradient_checkpointing|gradient_checkpointing_enable|gradient_checkpointing_disable)` is deprecated.*",
 )
 
 
@@ -242,6 +244,81 @@ def _zero_facts(trainer) -> dict[str, Any]:
     return facts
 
 
+def _fsdp_on_cpu() -> None:
+    """accelerate 1.15 turns FSDP on only for accelerator devices: on CPU workers (--tiny, CI) its state stays
+    MULTI_CPU and the Trainer would silently run plain DDP. torch's FSDP2 itself runs over gloo, so set up the
+    shared accelerate state as it is on GPUs (FSDP, the plugin accelerate builds from the FSDP_* environment);
+    the Trainer's Accelerator then finds it already initialized and uses it."""
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = Accelerator().state  # on the process group Ray Train formed; distributed_type MULTI_CPU
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        plugin = FullyShardedDataParallelPlugin()
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.fsdp_plugin = plugin
+        state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def _fsdp_facts(trainer) -> dict[str, Any]:
+    """What FSDP2 made of the policy (and DPO's reference model): DTensor parameters, their placements and device
+    mesh, the FSDP units auto-wrap created, and the plugin settings accelerate resolved from the environment."""
+    plugin = trainer.accelerator.state.fsdp_plugin
+    facts: dict[str, Any] = {
+        "fsdp_version": plugin.fsdp_version,
+        "reshard_after_forward": plugin.reshard_after_forward,
+        "offload_params": type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy",
+        "state_dict_type": plugin.state_dict_type.name,
+        "cpu_ram_efficient_loading": bool(plugin.cpu_ram_efficient_loading),
+        **_sharding(trainer.model),
+    }
+    ref = getattr(trainer, "ref_model", None)
+    if ref is not None:  # TRL's prepare_fsdp: fully_shard over the same world mesh, no optimizer
+        facts.update({f"ref_{k}": v for k, v in _sharding(ref).items()})
+        trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+        facts["ref_in_optimizer"] = any(id(p) in trained for p in ref.parameters())
+    return facts
+
+
+def _sharding(model) -> dict[str, Any]:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    dtensors = [p for p in params if isinstance(p, DTensor)]
+    mesh = dtensors[0].device_mesh if dtensors else None
+    return {
+        "engine": type(model).__name__,
+        "params_dtensor": bool(params) and len(dtensors) == len(params),
+        "placements": sorted({str(tuple(p.placements)) for p in dtensors}),
+        "mesh": {"ranks": mesh.mesh.flatten().tolist(), "device": mesh.device_type} if mesh is not None else None,
+        "fsdp_units": sum(isinstance(m, FSDPModule) for m in model.modules()),
+        "local_numel": int(sum(p.to_local().numel() for p in dtensors)),
+        "full_param_numel": int(sum(p.numel() for p in params)),
+    }
+
+
+def _param_checksums(model) -> dict[str, list[float]]:
+    """(sum, sum of squares) of every trained parameter, from the shards without gathering them (Shard
+    placements: a full tensor's sums are the sums over its shards); the exported model must match them."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
+
+    names, parts = [], []
+    for name, p in model.named_parameters():
+        if not (isinstance(p, DTensor) and all(isinstance(pl, Shard) for pl in p.placements)):
+            return {}
+        local = p.to_local().detach().double()
+        names.append(name)
+        parts.append(torch.stack([local.sum(), (local * local).sum()]))
+    sums = torch.stack(parts)
+    dist.all_reduce(sums)
+    return dict(zip(names, sums.cpu().tolist()))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
@@ -283,6 +360,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if "tensorboard" in str(training.get("report_to")) and "://" not in plan.storage_path:  # events next to the checkpoints
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", f"{plan.storage_path}/{plan.run_name}/tensorboard")
     args = config_cls(**training)  # with a DeepSpeed ZeRO-3 plugin, from_pretrained below runs under zero.Init
+    if plan.backend == "fsdp" and not plan.use_gpu:
+        _fsdp_on_cpu()
 
     m = plan.model
     dtype = m.get("dtype")
@@ -326,10 +405,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - t0
-    facts = _zero_facts(trainer)
+    facts = _fsdp_facts(trainer) if plan.backend == "fsdp" else _zero_facts(trainer)
+    checksums = _param_checksums(trainer.model) if plan.backend == "fsdp" else {}
 
-    # Export a Hugging Face model: with zero3_save_16bit_model the full weights are gathered to rank 0.
+    # Export a Hugging Face model: with zero3_save_16bit_model the full weights are gathered to rank 0. FSDP2:
+    # a full state dict gathered parameter by parameter into rank 0's CPU memory only (accelerate's get_state_dict:
+    # full_state_dict, cpu_offload), next to the trained shards, never two full copies.
     export = scratch / "export"
+    if plan.backend == "fsdp":
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.model.generation_config.eos_token_id = tokenizer.eos_token_id
     trainer.model.config.eos_token_id = tokenizer.eos_token_id
     trainer.save_model(str(export))
@@ -343,6 +427,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "metrics": metrics,
             "log_history": trainer.state.log_history,
             "facts": facts,
+            "param_checksums": checksums,
             "world_size": ctx.get_world_size(),
             "train_seconds": train_seconds,
             "timing": timer.stats,
