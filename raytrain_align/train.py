@@ -283,6 +283,8 @@ def _fsdp_facts(trainer) -> dict[str, Any]:
 
 
 def _sharding(model) -> dict[str, Any]:
+    from collections import Counter
+
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
@@ -295,6 +297,9 @@ def _sharding(model) -> dict[str, Any]:
         "placements": sorted({str(tuple(p.placements)) for p in dtensors}),
         "mesh": {"ranks": mesh.mesh.flatten().tolist(), "device": mesh.device_type} if mesh is not None else None,
         "fsdp_units": sum(isinstance(m, FSDPModule) for m in model.modules()),
+        # fully_shard turns a module's class into FSDP<class>: what auto-wrap made a unit, by class
+        "fsdp_unit_types": dict(Counter(type(m).__name__.removeprefix("FSDP") for m in model.modules()
+                                        if isinstance(m, FSDPModule))),
         "local_numel": int(sum(p.to_local().numel() for p in dtensors)),
         "full_param_numel": int(sum(p.numel() for p in params)),
     }
