@@ -23,7 +23,9 @@ def _parser(prog: str, stages: bool = False) -> argparse.ArgumentParser:
         p.add_argument("recipe", help="registered recipe name (see `recipes`) or path to a recipe YAML")
     p.add_argument("--tiny", action="store_true", help="embedded default: tiny model + synthetic data, 2 CPU workers")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
-    p.add_argument("--nodes", type=int, help="number of nodes (default: recipe ray.nodes)")
+    p.add_argument("--nodes", help="number of nodes, or MIN:MAX for an elastic run (default: recipe ray.nodes)")
+    p.add_argument("--num-workers", help="Ray workers (GPUs), or MIN:MAX for an elastic run; the global batch is kept "
+                                         "at every size (default: nodes x gpus-per-node)")
     p.add_argument("--gpus-per-node", type=int, help="workers per node (default: recipe ray.gpus_per_node)")
     p.add_argument("--storage", help="Ray Train storage path: local dir, NFS or s3:// (default ~/ray_results)")
     p.add_argument("--output-dir", help="where the final Hugging Face model goes (default: recipe output_dir)")
@@ -65,7 +67,7 @@ def _load(args, extra, recipe_name: str | None = None, stage_overrides: dict | N
         print(w, file=sys.stderr)
     return build_plan(
         recipe, tiny=args.tiny, nodes=args.nodes, gpus_per_node=args.gpus_per_node, storage=args.storage,
-        output_dir=output_dir or args.output_dir, max_failures=args.max_failures, explicit=frozenset(overrides),
+        output_dir=output_dir or args.output_dir, max_failures=args.max_failures, num_workers=args.num_workers, explicit=frozenset(overrides),
     )
 
 

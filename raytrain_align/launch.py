@@ -79,9 +79,15 @@ def run(plan: Plan, log=print):
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": asdict(plan), "prepared": asdict(prepared), "scratch_id": uuid.uuid4().hex[:12]},
+        train_loop_config={"plan": asdict(plan), "prepared": asdict(prepared), "scratch_id": uuid.uuid4().hex[:12],
+                           # testing hook (tests/test_elastic.py): a fault the first attempt injects
+                           "fault": os.environ.get("RAYTRAIN_ALIGN_FAULT", "")},
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo", timeout_s=plan.collective_timeout_s),
-        scaling_config=ScalingConfig(num_workers=plan.world_size, use_gpu=plan.use_gpu, resources_per_worker=resources),
+        # elastic: Ray Train starts with what the cluster has (>= min), restarts smaller when workers are lost and
+        # larger when resources come back, each time from the latest committed checkpoint (train.py reshards it)
+        scaling_config=ScalingConfig(num_workers=(plan.min_workers, plan.world_size) if plan.min_workers else plan.world_size,
+                                     use_gpu=plan.use_gpu, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=plan.resize_interval_s),
         run_config=RunConfig(
             name=plan.run_name,
             storage_path=plan.storage_path,
@@ -89,7 +95,8 @@ def run(plan: Plan, log=print):
             failure_config=FailureConfig(max_failures=plan.max_failures),
         ),
     )
-    log(f"train         {plan.world_size} Ray workers, {plan.backend}, run '{plan.run_name}' in {plan.storage_path}")
+    workers = f"{plan.min_workers}..{plan.world_size}" if plan.min_workers else plan.world_size
+    log(f"train         {workers} Ray workers, {plan.backend}, run '{plan.run_name}' in {plan.storage_path}")
     result = trainer.fit()
     return _finish(plan, result.checkpoint)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 from dataclasses import asdict, dataclass, field
@@ -50,6 +51,9 @@ class Plan:
     tiny_overrides: dict[str, Any] = field(default_factory=dict)
     recipe_model: str = ""  # the recipe's own model_name_or_path (before --tiny swapped it)
     fsdp_config: dict[str, Any] | None = None  # the FSDP2 plugin accelerate builds from accelerate_env
+    # elastic: Ray Train may run anywhere from min_workers to world_size workers (the global batch is kept)
+    min_workers: int = 0  # 0: a fixed world size
+    resize_interval_s: float = 60.0  # how often a running elastic group checks for more resources (Ray's default)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -165,6 +169,24 @@ def fsdp_config_for(env: dict[str, str]) -> dict[str, Any]:
     }
 
 
+def worker_range(name: str, value, per_node: int = 1) -> tuple[int, int] | None:
+    """'N' or 'MIN:MAX' (nodes or workers; x per_node) -> (min, max) workers; None when not given."""
+    if value is None:
+        return None
+    lo, _, hi = str(value).partition(":")
+    try:
+        lo_i, hi_i = int(lo), int(hi or lo)
+    except ValueError:
+        raise RecipeError(f"{name} must be N or MIN:MAX, got {value!r}") from None
+    if not 1 <= lo_i <= hi_i:
+        raise RecipeError(f"{name} {value!r}: need 1 <= MIN <= MAX")
+    return lo_i * per_node, hi_i * per_node
+
+
+def _lcm_range(mbs: int, lo: int, hi: int) -> int:
+    return mbs * math.lcm(*range(lo, hi + 1))
+
+
 def _positive(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise RecipeError(f"{name} must be a positive integer, got {value!r}")
@@ -179,6 +201,7 @@ def build_plan(
     storage: str | None = None,
     output_dir: str | None = None,
     max_failures: int | None = None,
+    num_workers: str | None = None,  # "MIN:MAX" Ray workers (elastic) or "N"; beats nodes x gpus_per_node
     explicit: frozenset[str] = frozenset(),  # keys the user --set: --tiny leaves them alone
 ) -> Plan:
     from . import tiny as tiny_mod
@@ -194,21 +217,27 @@ def build_plan(
         for key, value in overrides.items():
             section = model if key in recipe.model or key in tiny_mod.MODEL_KEYS else training
             section[key] = value
-        ray_cfg.pop("global_batch_size", None)
+        if "ray.global_batch_size" not in explicit:  # the recipe's GPU-sized one
+            ray_cfg.pop("global_batch_size", None)
 
     num_machines = acc.get("num_machines", 1) or 1
     per_node_default = max(1, (acc.get("num_processes", 1) or 1) // num_machines)
     if tiny:
-        nodes_ = _positive("--nodes", nodes or 1)
         per_node = _positive("--gpus-per-node", gpus_per_node or tiny_mod.TINY_WORKERS)
+        node_range = worker_range("--nodes", nodes or 1)
         use_gpu = False
         cpus = 1
     else:
-        nodes_ = _positive("--nodes", nodes or ray_cfg.get("nodes") or num_machines)
         per_node = _positive("--gpus-per-node", gpus_per_node or ray_cfg.get("gpus_per_node") or per_node_default)
+        node_range = worker_range("--nodes", nodes or ray_cfg.get("nodes") or num_machines)
         use_gpu = True
         cpus = _positive("ray.cpus_per_worker", ray_cfg.get("cpus_per_worker") or 1)
-    world = nodes_ * per_node
+    nodes_ = node_range[1]
+    lo_world, world = node_range[0] * per_node, nodes_ * per_node
+    given = worker_range("--num-workers", num_workers or ray_cfg.get("num_workers"))
+    if given:  # workers, not nodes: the range Ray Train may use, packed onto nodes of per_node workers
+        (lo_world, world), nodes_ = given, -(-given[1] // per_node)
+        per_node = min(per_node, world)
 
     pdbs = _positive("per_device_train_batch_size", training.get("per_device_train_batch_size", 8))
     ga = _positive("gradient_accumulation_steps", training.get("gradient_accumulation_steps", 1))
@@ -222,6 +251,14 @@ def build_plan(
         ga = gbs_target // (pdbs * world)
         training["gradient_accumulation_steps"] = ga
     gbs = pdbs * ga * world
+    from .elastic import valid_world_sizes
+
+    if lo_world < world and len(valid_world_sizes(gbs, pdbs, lo_world, world)) != world - lo_world + 1:
+        ok = valid_world_sizes(gbs, pdbs, lo_world, world)
+        raise RecipeError(
+            f"global batch {gbs} (per-device {pdbs}) cannot be kept at every world size in {lo_world}..{world} "
+            f"(kept at {ok}); set ray.global_batch_size to a multiple of {_lcm_range(pdbs, lo_world, world)} or "
+            "narrow the elastic range")
 
     backend = ACCELERATE_BACKENDS[acc["distributed_type"]]
     mixed = "no" if tiny else None
@@ -273,7 +310,8 @@ def build_plan(
         storage_path=storage_path,
         run_name=run_name,
         output_dir=out,
-        max_failures=max_failures if max_failures is not None else int(ray_cfg.get("max_failures") or 0),
+        # an elastic run expects to lose workers: a few restarts by default
+        max_failures=max_failures if max_failures is not None else int(ray_cfg.get("max_failures") or (3 if lo_world < world else 0)),
         collective_timeout_s=int(training.get("ddp_timeout") or 1800),
         model=model,
         script=script,
@@ -285,6 +323,8 @@ def build_plan(
         tiny_overrides=overrides,
         recipe_model=recipe.model["model_name_or_path"],
         fsdp_config=fsdp_cfg,
+        min_workers=lo_world if lo_world < world else 0,
+        resize_interval_s=float(ray_cfg.get("resize_interval_s") or 60.0),
     )
 
 
@@ -295,6 +335,11 @@ def describe(plan: Plan) -> str:
         f"model         {plan.model.get('model_name_or_path')}",
         f"workers       {plan.nodes} node(s) x {plan.gpus_per_node} {'GPU' if plan.use_gpu else 'CPU'} worker(s) = world size {plan.world_size}",
         f"batch         per-device {plan.per_device_train_batch_size} x grad-acc {plan.gradient_accumulation_steps} x world {plan.world_size} = GBS {plan.global_batch_size}",
+    ]
+    if plan.min_workers:
+        lines.append(f"elastic       {plan.min_workers}..{plan.world_size} workers; grad-acc follows the world size, GBS "
+                     f"{plan.global_batch_size} kept; up to {plan.max_failures} restarts after failures")
+    lines += [
         f"backend       {plan.backend} (from {plan.accelerate_config})",
     ]
     mix = plan.script.get("dataset_mixture")

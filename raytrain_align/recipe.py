@@ -34,7 +34,9 @@ RECIPES: dict[str, tuple[str, str]] = {
 # The `ray:` section. CLI flags override it; the handbook's keys keep their meaning.
 RAY_FIELDS: dict[str, Any] = {
     "accelerate_config": str,  # path to a handbook accelerate config (zero3.yaml, fsdp.yaml, ddp.yaml)
-    "nodes": int,  # machines; default: the accelerate config's num_machines
+    "nodes": int | str,  # machines, or "MIN:MAX" (elastic); default: the accelerate config's num_machines
+    "num_workers": int | str,  # Ray workers, or "MIN:MAX" (elastic); beats nodes x gpus_per_node
+    "resize_interval_s": int | float,  # elastic: how often a running group looks for more resources (Ray: 60)
     "gpus_per_node": int,  # workers per machine; default: num_processes / num_machines
     "cpus_per_worker": int,  # CPUs reserved per training worker
     "storage_path": str,  # Ray Train storage: local dir, NFS mount or s3:// URI

@@ -138,27 +138,99 @@ def _progress_callback():
     return ProgressLog()
 
 
-def _report_callback():
-    """Commits HF checkpoints to Ray Train storage: one upload per node (its local rank 0 sends the
-    shards written on that node), only after every rank finished writing."""
+class _Elastic:
+    """This attempt's share of the elastic machinery (elastic.py): the global batch, the sample log, the run log
+    folder, and whether a drain notice asked for an emergency checkpoint."""
+
+    def __init__(self, plan, world: int, rank: int, attempt: str, gbs: int):
+        from . import elastic
+
+        self.world, self.rank, self.attempt, self.gbs = world, rank, attempt, gbs
+        self.logs = elastic.log_dir(plan.storage_path, plan.run_name)
+        self.samples = elastic.SampleLog(self.logs, attempt, rank)
+        self.heartbeat_every = 0.0 if "://" not in plan.storage_path else 30.0  # rank 0's last-step file
+        self.last_beat = 0.0
+        self.preempted = None  # ray.train.PreemptionInfo once a node of this group drains
+        self.crash_in_save = None  # testing hook: RAYTRAIN_ALIGN_FAULT=crash_in_save@STEP on the driver
+
+
+def _checkpoint_callback(es: _Elastic):
+    """Commits HF checkpoints to Ray Train storage: one upload per node (its local rank 0 sends the shards
+    written on that node), only after every rank finished writing. Before that: the sample log up to this
+    step, and (rank 0) the checkpoint's position file (data position, world size, optimizer digest). Each step:
+    the sample log, rank 0's heartbeat and Ray's drain notice; on a notice the workers save at once and stop."""
     import ray.train
     import torch.distributed as dist
     from transformers import TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+    from . import elastic
+
     class RayCheckpointReport(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            """The checkpoint (if any) is loaded now: check its optimizer state arrived whole, log the start."""
+            saved = (es.position or {}).get("optimizer_digest")
+            match = None
+            if saved:  # every rank (a collective), the same condition on all
+                now = elastic.optimizer_digest(kwargs["model"], kwargs["optimizer"])
+                match = elastic.digest_difference(saved, now)
+            if es.rank == 0:
+                rec = elastic.log_start(es.logs, es.attempt, world=es.world, gbs=es.gbs, grad_accum=args.gradient_accumulation_steps,
+                                        position=es.position, launch_id=es.launch_id, optimizer_match=match,
+                                        resharded=es.resharded)
+                if rec["cause"] != "start":
+                    lost = f", {rec['steps_lost']} step(s) lost" if "steps_lost" in rec else ""
+                    state_ok = f"; optimizer state {'kept' if match is not None and match < 1e-6 else 'DIFFERS'}" \
+                        if match is not None else ""
+                    print(f"resume        {rec['cause']}: from step {rec['resumed_step']} at world {es.world} "
+                          f"(grad-acc {args.gradient_accumulation_steps}, GBS {es.gbs}){lost}"
+                          f"{'; ' + es.resharded if es.resharded else ''}{state_ok}", flush=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            es.samples.step_done(state.global_step, state.epoch)
+            if es.rank == 0 and time.time() - es.last_beat >= es.heartbeat_every:
+                elastic.heartbeat(es.logs, es.attempt, state.global_step)
+                es.last_beat = time.time()
+            info = ray.train.get_preemption_info()  # every rank, every step (it is a barrier)
+            if info is not None and es.preempted is None and state.global_step < state.max_steps:
+                es.preempted = info
+                control.should_save = True  # this step: the Trainer saves, on_save below reports it
+
         def on_save(self, args, state, control, **kwargs):
+            step = state.global_step
+            es.samples.flush(step)
+            digest = elastic.optimizer_digest(kwargs["model"], kwargs["optimizer"])
+            path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+            if es.rank == 0 and os.path.isdir(path):
+                reason = "preemption" if es.preempted else "save"
+                Path(path, elastic.POSITION_FILE).write_text(json.dumps(
+                    elastic.position(step, es.gbs, es.world, state.epoch, reason, digest)))
+            if es.crash_in_save == step and es.rank == es.world - 1:
+                os.kill(os.getpid(), 9)  # dies with this checkpoint written on some ranks only, not committed
             if dist.is_initialized():
                 dist.barrier()
             ctx = ray.train.get_context()
-            metrics = {"step": state.global_step, **_last_logs(state.log_history)}
+            metrics = {"step": step, **_last_logs(state.log_history)}
             ckpt = None
             if ctx.get_local_rank() == 0:
                 # the folder this save just wrote (not the highest-numbered one: scratch may hold an older run's)
-                path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
                 if os.path.isdir(path):
                     ckpt = ray.train.Checkpoint.from_directory(path)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint-{state.global_step:07d}")
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint-{step:07d}")
+            if es.preempted is not None:
+                self._wait_for_restart(step)
+
+        def _wait_for_restart(self, step):
+            """After the emergency checkpoint: every step trained now would be thrown away when the node goes,
+            so stop stepping; Ray Train restarts the group from this checkpoint without the drained node."""
+            info = es.preempted
+            if es.rank == 0:
+                when = time.strftime("%H:%M:%S", time.localtime(info.deadline_ms / 1000)) if info.deadline_ms else "?"
+                print(f"preemption    node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} (ranks "
+                      f"{info.preempted_ranks}) drain by {when}; checkpoint at step {step} committed; waiting for "
+                      "Ray Train to restart without them", flush=True)
+            while True:
+                time.sleep(1)
 
     return RayCheckpointReport()
 
@@ -347,6 +419,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     import torch
     from transformers import AutoModelForCausalLM
+    from . import elastic
+
+    world = ctx.get_world_size()  # an elastic run may start at any size in min_workers..world_size
+    grad_accum = elastic.grad_accum_for(plan.global_batch_size, plan.per_device_train_batch_size, world)
     trainer_cls, config_cls, skip_prepare = _trainer_and_config(plan.method)
     # Node-local scratch for this fit() only (the driver's id): a folder shared with an earlier run of the same
     # name would leak its files into this run's export (e.g. a LoRA adapter beside a full model).
@@ -359,7 +435,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ddp_timeout=plan.collective_timeout_s,
         use_cpu=not plan.use_gpu,
         disable_tqdm=True,  # ProgressLog prints a line per ~5% instead
-        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        gradient_accumulation_steps=grad_accum,  # this start's world size, the plan's global batch
         push_to_hub=False,
     )
     if "tensorboard" in str(training.get("report_to")) and "://" not in plan.storage_path:  # events next to the checkpoints
@@ -393,23 +469,70 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trainer = trainer_cls(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
         peft_config=_peft_config(plan.model),
-        callbacks=[_report_callback(), _progress_callback(), timer := _timing_callback()],
+        callbacks=[_progress_callback(), timer := _timing_callback()],
     )
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints every log dict on rank 0
 
-    resume_from = None
+    attempt = [f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}" if rank == 0 else None]
+    torch.distributed.broadcast_object_list(attempt, src=0)
+    es = _Elastic(plan, world, rank, attempt[0], plan.global_batch_size)
+    es.launch_id = config["scratch_id"]  # one per driver (fit() call): tells a relaunch from a restart
+    fault = config.get("fault") or ""
+    if fault.startswith("crash_in_save@") and not ray.train.get_checkpoint():  # the first attempt only
+        es.crash_in_save = int(fault.split("@")[1])
+    trainer.add_callback(_checkpoint_callback(es))
+
+    # Exactly-once data: one order per epoch at every world size; the Trainer's resume skip (global_step x
+    # grad-accum micro-batches per rank) is then global_step x GBS samples of it. The sample log records what
+    # each rank trained at each step (content hashes), from the collator to the step that consumed it.
+    sampler = elastic.GlobalOrderSampler(len(train_dataset), plan.global_batch_size, seed=args.data_seed or args.seed)
+    trainer._get_train_sampler = lambda *a, **k: sampler
+    train_loader = trainer.get_train_dataloader
+
+    def get_train_dataloader():  # the training loader's collator only (evaluation batches are not trained)
+        collate = trainer.data_collator
+        trainer.data_collator = es.samples.wrap_collator(collate)  # baked into the loader built now
+        try:
+            return train_loader()
+        finally:
+            trainer.data_collator = collate
+
+    trainer.get_train_dataloader = get_train_dataloader
+    trainer.training_step = es.samples.wrap_training_step(trainer.training_step)
+
+    resume_from, es.position, es.resharded = None, None, None
     checkpoint = ray.train.get_checkpoint()  # the latest committed one, after a restart
     if checkpoint and not checkpoint.path.rstrip("/").endswith(FINAL_DIR):
         resume_from = str(scratch / "resume")
-        if ctx.get_local_rank() == 0:
+        saved_world = None
+        if ctx.get_local_rank() == 0:  # one copy per node
+            shutil.rmtree(resume_from, ignore_errors=True)
             checkpoint.to_directory(resume_from)
+            saved_world = elastic.saved_world_size(resume_from)
+            if plan.backend == "deepspeed" and saved_world not in (None, world):
+                # deepspeed refuses a ZeRO-3 checkpoint of another world size: its universal format, per node
+                es.resharded = f"ZeRO-3 {saved_world} -> {world} ranks via universal checkpoint " \
+                               f"({elastic.to_universal(resume_from):.1f}s)"
+            elif saved_world not in (None, world):
+                es.resharded = f"{plan.backend} {saved_world} -> {world} ranks (torch distributed checkpoint)"
         torch.distributed.barrier()
+        es.position = elastic.read_position(resume_from)
+        elastic.check_resume(es.position, plan.global_batch_size)
+        if plan.backend == "deepspeed" and es.position and es.position["world_size"] != world:
+            ds = trainer.accelerator.state.deepspeed_plugin
+            for cfg in {id(c): c for c in (ds.deepspeed_config, ds.hf_ds_config.config)}.values():
+                cfg.setdefault("checkpoint", {})["load_universal"] = True
+        steps_per_epoch = len(sampler) // plan.global_batch_size
+        sampler.set_epoch(es.position["global_step"] // steps_per_epoch if es.position else 0)
 
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - t0
+    es.samples.flush(trainer.state.global_step)  # the steps after the last checkpoint
+    if rank == 0:
+        elastic.heartbeat(es.logs, es.attempt, trainer.state.global_step)
     facts = _fsdp_facts(trainer) if plan.backend == "fsdp" else _zero_facts(trainer)
     checksums = _param_checksums(trainer.model) if plan.backend == "fsdp" else {}
 
@@ -433,6 +556,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "log_history": trainer.state.log_history,
             "facts": facts,
             "param_checksums": checksums,
+            # the sample order of every epoch (elastic.GlobalOrderSampler): what the sample log is checked against
+            "data_order": {"rows": len(train_dataset), "global_batch_size": plan.global_batch_size,
+                           "seed": args.data_seed or args.seed, "steps_per_epoch": len(sampler) // plan.global_batch_size},
+            "run_log_dir": es.logs,
             "world_size": ctx.get_world_size(),
             "train_seconds": train_seconds,
             "timing": timer.stats,
