@@ -49,10 +49,14 @@ def _common(r, reference):
         s = start["resumed_step"]
         assert s > 0 and s % ft.SAVE_EVERY == 0 or start["cause"].startswith("preemption")
         assert start["optimizer_state_max_rel_diff"] < 1e-9  # Adam moments + master weights as saved
-        # the curve goes on from where it was: the first loss after the resume is the uninterrupted run's at
-        # that step (not the initial loss a fresh optimizer or a rewound data position would give)
-        assert abs(losses[s + 1] - ref[s + 1]) < 0.02 < losses[1] - losses[s + 1], (s, losses[s + 1], ref[s + 1])
+        # the curve goes on from where it was: the first loss after the resume is near the uninterrupted run's at
+        # that step, far below the initial loss a fresh optimizer or a rewound data position would give. (Same
+        # world size: equal to the last digit. After a universal-checkpoint reshard the curve drifts by a few
+        # 1e-2 over 30 steps although the optimizer digest matches; see docs/fault-tolerance.md.)
+        assert abs(losses[s + 1] - ref[s + 1]) < 0.05 < 0.5 < losses[1] - losses[s + 1], (s, losses[s + 1], ref[s + 1])
     assert r["max_loss_diff_vs_uninterrupted"] < 0.1
+    if all(s["world_size"] == 2 for s in r["starts"]):  # no reshard: the run is the uninterrupted one
+        assert r["max_loss_diff_vs_uninterrupted"] < 1e-5
 
 
 def test_node_lost_then_added_back_keeps_batch_and_optimizer(cluster, storage, reference):
