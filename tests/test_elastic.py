@@ -72,6 +72,9 @@ def test_node_lost_then_added_back_keeps_batch_and_optimizer(cluster, storage, r
     assert r["final_world_size"] == 4
 
 
+@pytest.mark.xfail(strict=True, reason="open bug (issue 5): the emergency checkpoint is taken and reported after the drain "
+                   "notice, but the restart resumes from the previous periodic checkpoint (measured: emergency at step 13, "
+                   "resumed from 10); not diagnosed")
 def test_node_drain_takes_an_emergency_checkpoint_and_loses_no_step(cluster, storage, reference):
     c, nodes = cluster
     r = ft.node_drained(c, nodes, c.address, storage, reference)
