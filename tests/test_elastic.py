@@ -53,7 +53,7 @@ def _common(r, reference):
         # that step, far below the initial loss a fresh optimizer or a rewound data position would give. (Same
         # world size: equal to the last digit. After a universal-checkpoint reshard the curve drifts by a few
         # 1e-2 over 30 steps although the optimizer digest matches; see docs/fault-tolerance.md.)
-        assert abs(losses[s + 1] - ref[s + 1]) < 0.05 < 0.5 < losses[1] - losses[s + 1], (s, losses[s + 1], ref[s + 1])
+        assert abs(losses[s + 1] - ref[s + 1]) < 0.05 < 0.2 < losses[1] - losses[s + 1], (s, losses[s + 1], ref[s + 1])
     assert r["max_loss_diff_vs_uninterrupted"] < 0.1
     if all(s["world_size"] == 2 for s in r["starts"]):  # no reshard: the run is the uninterrupted one
         assert r["max_loss_diff_vs_uninterrupted"] < 1e-5
