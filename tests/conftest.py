@@ -1,6 +1,8 @@
 """One real local Ray cluster (a head started with `ray start`) shared by every test that needs Ray."""
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -54,3 +56,22 @@ def run_cli(args, env_extra=None, timeout=900):
                           env=env, cwd=REPO, timeout=timeout)
     proc.seconds = time.time() - t0
     return proc
+
+
+def run_killing_rank1(args, ray_address, kill_from_step: int):
+    """Run `python -m raytrain_align ARGS` and SIGKILL the world-rank-1 worker process at the first progress line
+    at or past `kill_from_step`. Returns (returncode, log, step killed at or None, time of the kill)."""
+    proc = subprocess.Popen([sys.executable, "-m", "raytrain_align", *args], cwd=REPO,
+                            env={**os.environ, "RAY_ADDRESS": ray_address, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, victim, killed_at, t_kill = [], None, None, None
+    for line in proc.stdout:
+        lines.append(line)
+        if m := re.search(r"pid=(\d+)\) world_rank=1", line):
+            victim = int(m.group(1))
+        step = re.search(r"step +(\d+)/", line)
+        if killed_at is None and victim and step and int(step.group(1)) >= kill_from_step:
+            killed_at, t_kill = int(step.group(1)), time.time()
+            os.kill(victim, signal.SIGKILL)
+    proc.wait(timeout=60)
+    return proc.returncode, "".join(lines), killed_at, t_kill

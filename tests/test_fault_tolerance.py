@@ -3,16 +3,12 @@ Train restarts the worker group (FailureConfig max_failures), the workers resume
 ZeRO-3 checkpoint, the run finishes, the loss curve continues, and the exported model loads."""
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from .conftest import REPO
+from .conftest import run_killing_rank1
 
 pytestmark = pytest.mark.slow
 
@@ -21,23 +17,11 @@ STEPS, SAVE_EVERY = 80, 20
 
 def test_killed_worker_restarts_from_last_checkpoint(ray_address, tmp_path):
     storage, out = tmp_path / "storage", tmp_path / "model"
-    cmd = [sys.executable, "-m", "raytrain_align", "sft_mid", "--tiny", "--storage", str(storage), "--output-dir", str(out),
-           "--max-failures", "1", "--set", f"max_steps={STEPS}", "--set", f"save_steps={SAVE_EVERY}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "RAY_ADDRESS": ray_address, "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, victim, killed_at = [], None, None
-    for line in proc.stdout:
-        lines.append(line)
-        if m := re.search(r"pid=(\d+)\) world_rank=1", line):
-            victim = int(m.group(1))
-        step = re.search(r"step +(\d+)/", line)
-        if killed_at is None and victim and step and int(step.group(1)) >= 2 * SAVE_EVERY - 4:
-            killed_at = int(step.group(1))  # past step 20's checkpoint (committed) and before step 40's
-            t_kill = time.time()
-            os.kill(victim, signal.SIGKILL)
-    proc.wait(timeout=60)
-    log = "".join(lines)
-    assert proc.returncode == 0, log[-5000:]
+    args = ["sft_mid", "--tiny", "--storage", str(storage), "--output-dir", str(out), "--max-failures", "1",
+            "--set", f"max_steps={STEPS}", "--set", f"save_steps={SAVE_EVERY}"]
+    # past step 20's checkpoint (committed) and before step 40's
+    returncode, log, killed_at, t_kill = run_killing_rank1(args, ray_address, 2 * SAVE_EVERY - 4)
+    assert returncode == 0, log[-5000:]
     assert killed_at is not None, log[-3000:]
 
     assert log.count("process group formed") == 2  # the worker group was started again

@@ -4,12 +4,7 @@ with FSDP2-sharded (DTensor) policy and reference models; the export gathers the
 20 losses equal ZeRO-3's; a killed worker resumes from the sharded (torch distributed checkpoint) checkpoint."""
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -17,7 +12,7 @@ import yaml
 from raytrain_align import cli
 from raytrain_align.recipe import FSDP2_NOT_HONOURED, FSDP2_UNREAD_ENV
 
-from .conftest import REPO, run_cli
+from .conftest import REPO, run_cli, run_killing_rank1
 
 FSDP_YAML = "recipes/accelerate_configs/fsdp.yaml"
 
@@ -214,22 +209,11 @@ def test_killed_worker_resumes_from_sharded_checkpoint(ray_address, storage, fsd
     through ray.train.report): the restarted worker group (same world size) resumes it and the losses after
     the restart are the uninterrupted run's — which they would not be with a fresh optimizer."""
     out = storage.parent / "fsdp_resumed"
-    cmd = [sys.executable, "-m", "raytrain_align", "sft_mid", "--tiny", "--storage", str(storage), "--output-dir",
-           str(out), "--accelerate-config", FSDP_YAML, "--max-failures", "1", "--set", "run_name=fsdp-sft-killed", *SETTINGS]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "RAY_ADDRESS": ray_address, "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, victim, killed_at = [], None, None
-    for line in proc.stdout:
-        lines.append(line)
-        if m := re.search(r"pid=(\d+)\) world_rank=1", line):
-            victim = int(m.group(1))
-        step = re.search(r"step +(\d+)/", line)
-        if killed_at is None and victim and step and int(step.group(1)) >= 2 * SAVE_EVERY - 2:
-            killed_at = int(step.group(1))  # past step 5's checkpoint (committed), before step 10's
-            os.kill(victim, signal.SIGKILL)
-    proc.wait(timeout=60)
-    log = "".join(lines)
-    assert proc.returncode == 0 and killed_at is not None, log[-5000:]
+    args = ["sft_mid", "--tiny", "--storage", str(storage), "--output-dir", str(out), "--accelerate-config", FSDP_YAML,
+            "--max-failures", "1", "--set", "run_name=fsdp-sft-killed", *SETTINGS]
+    # past step 5's checkpoint (committed), before step 10's
+    returncode, log, killed_at, _ = run_killing_rank1(args, ray_address, 2 * SAVE_EVERY - 2)
+    assert returncode == 0 and killed_at is not None, log[-5000:]
     assert log.count("process group formed") == 2
     resumed = [int(s) for s in re.findall(r"step +(\d+)/", log.split("process group formed")[2])]
     assert resumed and resumed[0] == SAVE_EVERY + 1, resumed  # from the step-5 checkpoint, not from 0
