@@ -14,6 +14,7 @@ log and its losses, compared with an uninterrupted run of the same data, seed an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,11 +35,29 @@ STEPS, SAVE_EVERY, GBS = 30, 5, 12
 NODE = {"num_cpus": 2, "num_gpus": 0, "object_store_memory": 512 * 2**20}  # one "node": 2 CPU workers
 
 
-def cluster(nodes: int = 2):
-    """A head without CPUs (it only hosts Ray's control plane) plus `nodes` raylets of 2 CPUs."""
-    # without token auth (its raylets inherit this); the drivers are told the same (Run), since the CLI
-    # otherwise turns token auth on when it finds a token of another cluster in ~/.ray
+@contextlib.contextmanager
+def _no_token_auth():
+    """RAY_AUTH_MODE=disabled for the Ray processes started inside (the head and raylets inherit the
+    environment), then the caller's value back: a leaked `disabled` would keep every later driver of this
+    process from joining a token-auth cluster (the test session's own head)."""
+    saved = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_AUTH_MODE", None) if saved is None else os.environ.__setitem__("RAY_AUTH_MODE", saved)
+
+
+def add_node(c):
+    """One more 2-CPU "node" (raylet) without token auth, like the rest of the cluster."""
+    with _no_token_auth():
+        return c.add_node(**NODE)
+
+
+def cluster(nodes: int = 2):
+    """A head without CPUs (it only hosts Ray's control plane) plus `nodes` raylets of 2 CPUs, without token
+    auth; the drivers are told the same (Run), since the CLI otherwise turns token auth on when it finds a
+    token of another cluster in ~/.ray."""
     from ray.cluster_utils import Cluster
 
     import socket
@@ -46,10 +65,11 @@ def cluster(nodes: int = 2):
     with socket.socket() as s:  # the dashboard (as on real clusters): Ray Train's state API, used by its
         s.bind(("127.0.0.1", 0))  # cleanup of a dead driver's placement groups, needs it
         port = s.getsockname()[1]
-    c = Cluster(initialize_head=True, connect=False,
-                head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": True, "dashboard_port": port,
-                                "dashboard_host": "127.0.0.1"})
-    workers = [c.add_node(**NODE) for _ in range(nodes)]
+    with _no_token_auth():
+        c = Cluster(initialize_head=True, connect=False,
+                    head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": True, "dashboard_port": port,
+                                    "dashboard_host": "127.0.0.1"})
+    workers = [add_node(c) for _ in range(nodes)]
     c.wait_for_nodes()
     return c, workers
 
@@ -192,7 +212,7 @@ def node_lost_and_back(c, nodes, address, storage, reference):
     c.remove_node(nodes[1], allow_graceful=False)
     run.wait_for(r"resume .*at world 2 ")
     run.wait_step(2 * SAVE_EVERY + 1)
-    nodes[1] = c.add_node(**NODE)
+    nodes[1] = add_node(c)
     run.wait_for(r"resume .*at world 4 ")
     run.finish()
     return evidence(run, reference)
@@ -215,7 +235,7 @@ def node_drained(c, nodes, address, storage, reference):
     c.remove_node(nodes[1], allow_graceful=False)  # the reclaim
     run.wait_for(r"resume .*at world 2 ")
     run.finish()
-    nodes[1] = c.add_node(**NODE)
+    nodes[1] = add_node(c)
     record = evidence(run, reference)
     record["emergency_checkpoint_step"] = int(m.group(1))
     return record

@@ -229,12 +229,12 @@ def build_plan(
         cpus = 1
     else:
         per_node = _positive("--gpus-per-node", gpus_per_node or ray_cfg.get("gpus_per_node") or per_node_default)
-        node_range = worker_range("--nodes", nodes or ray_cfg.get("nodes") or num_machines)
+        node_range = worker_range("--nodes" if nodes else "ray.nodes", nodes or ray_cfg.get("nodes") or num_machines)
         use_gpu = True
         cpus = _positive("ray.cpus_per_worker", ray_cfg.get("cpus_per_worker") or 1)
     nodes_ = node_range[1]
     lo_world, world = node_range[0] * per_node, nodes_ * per_node
-    given = worker_range("--num-workers", num_workers or ray_cfg.get("num_workers"))
+    given = worker_range("--num-workers" if num_workers else "ray.num_workers", num_workers or ray_cfg.get("num_workers"))
     if given:  # workers, not nodes: the range Ray Train may use, packed onto nodes of per_node workers
         (lo_world, world), nodes_ = given, -(-given[1] // per_node)
         per_node = min(per_node, world)

@@ -67,7 +67,7 @@ def _write_recipe(tmp_path, text):
 BAD = {
     "unknown recipe": (lambda t: ["sft_mdi"], "known recipes: sft_mid"),
     "unknown yaml key": (lambda t: [_write_recipe(t, "learnig_rate: 1.0e-5")], "did you mean 'learning_rate'"),
-    "wrong type": (lambda t: [_write_recipe(t, "ray:\n  nodes: two")], "'ray.nodes' must be int"),
+    "wrong type": (lambda t: [_write_recipe(t, "ray:\n  nodes: two")], "ray.nodes must be N or MIN:MAX, got 'two'"),
     "wrong type trl field": (lambda t: ["sft_mid", "--set", "num_train_epochs=many"], "'num_train_epochs' must be float"),
     "missing accelerate config": (lambda t: ["sft_mid", "--accelerate-config", "nope.yaml"], "--accelerate-config"),
     "set unknown key": (lambda t: ["sft_mid", "--set", "lerning_rate=1"], "did you mean 'learning_rate'"),
