@@ -77,13 +77,14 @@ def cluster(nodes: int = 2):
 class Run:
     """One `python -m raytrain_align` driver, its output read line by line in a thread."""
 
-    def __init__(self, address: str, storage: Path, name: str, workers: str = "2:4", env: dict | None = None):
+    def __init__(self, address: str, storage: Path, name: str, workers: str = "2:4", env: dict | None = None,
+                 extra: tuple[str, ...] = ()):
         self.name, self.storage, self.out = name, storage, storage.parent / f"out-{name}"
         self.cmd = [sys.executable, "-m", "raytrain_align", "sft_mid", "--tiny", "--storage", str(storage),
                     "--output-dir", str(self.out), "--num-workers", workers, "--max-failures", "3",
                     "--set", f"run_name={name}", "--set", f"max_steps={STEPS}", "--set", f"save_steps={SAVE_EVERY}",
                     "--set", "logging_steps=1", "--set", "per_device_train_batch_size=1",
-                    "--set", f"ray.global_batch_size={GBS}", "--set", "ray.resize_interval_s=5"]
+                    "--set", f"ray.global_batch_size={GBS}", "--set", "ray.resize_interval_s=5", *extra]
         self.env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled",
                     **(env or {})}
         self.lines: list[str] = []
@@ -203,10 +204,17 @@ def uninterrupted(address, storage):
     return evidence(run, None)
 
 
-def node_lost_and_back(c, nodes, address, storage, reference):
+FSDP = ("--accelerate-config", "recipes/accelerate_configs/fsdp.yaml")
+
+
+def node_lost_and_back(c, nodes, address, storage, reference, backend="deepspeed"):
     """4 workers on 2 nodes; a node dies after the step-5 checkpoint -> 2 workers (same GBS, optimizer state
-    resharded through DeepSpeed's universal checkpoint); the node comes back -> 4 workers again."""
-    run = Run(address, storage, "node-lost-and-back")
+    resharded: ZeRO-3 through DeepSpeed's universal checkpoint, FSDP2 by torch distributed checkpoint); the node
+    comes back -> 4 workers again."""
+    name = "node-lost-and-back" + ("-fsdp" if backend == "fsdp" else "")
+    # 1 s per step more: time for the returning raylet to register and Ray Train's resize check (every 5 s) to
+    # see it before the 30 steps are over (a tiny step takes ~0.3 s here)
+    run = Run(address, storage, name, extra=FSDP if backend == "fsdp" else (), env={"RAYTRAIN_ALIGN_STEP_DELAY_S": "1"})
     run.wait_for(r"world 4,")
     run.wait_step(SAVE_EVERY + 2)
     c.remove_node(nodes[1], allow_graceful=False)
@@ -267,6 +275,8 @@ def driver_killed(c, nodes, address, storage, reference):
 
 SCENARIOS = {
     "node lost, then added back (4 -> 2 -> 4 workers)": node_lost_and_back,
+    "FSDP2: node lost, then added back (4 -> 2 -> 4 workers)":
+        lambda *a: node_lost_and_back(*a, backend="fsdp"),
     "node drained with a 60 s deadline (spot reclaim)": node_drained,
     "worker crash while a checkpoint is written": crash_during_checkpoint,
     "driver killed, same command relaunched": driver_killed,

@@ -22,6 +22,12 @@ from launching the command to the end of the first step. Per (path, variant): me
 per-run medians over the steps after --warmup; tokens/s/GPU; MFU = 6 N tokens/s/GPU / peak dense bf16
 FLOP/s, N = all parameters of the unpartitioned model (tied embedding counted once); the ratios.
 Writes train_throughput-DATE-TAG.{json,md} to --results.
+
+--method dpo runs the same comparison for DPO (recipes/smollm3/dpo/apo.yaml: APO-zero, policy + reference) on
+synthetic preference pairs (prompt, chosen, rejected of random words), plain path benchmarks/handbook_dpo.py.
+Its MFU counts 8 N per token (policy forward + backward 6 N, reference forward 2 N).
+A variant may set `accelerate_config` (a path under the project root): both paths then use that accelerate
+config (the Ray path through the recipe's `ray.accelerate_config`).
 """
 
 from __future__ import annotations
@@ -45,7 +51,11 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE_RECIPE = ROOT / "recipes" / "smollm3" / "sft" / "mid.yaml"
+BASE_RECIPES = {"sft": ROOT / "recipes" / "smollm3" / "sft" / "mid.yaml",
+                "dpo": ROOT / "recipes" / "smollm3" / "dpo" / "apo.yaml"}
+BASE_RECIPE = BASE_RECIPES["sft"]
+PLAIN_SCRIPTS = {"sft": "handbook_sft.py", "dpo": "handbook_dpo.py"}
+FLOPS_PER_TOKEN_PER_PARAM = {"sft": 6, "dpo": 8}  # DPO: policy fwd+bwd (6) + reference fwd (2)
 ACCELERATE_CONFIG = ROOT / "recipes" / "accelerate_configs" / "zero3.yaml"
 # Dense bf16 tensor-core peak by the vendor's datasheets (SXM parts), FLOP/s.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -137,19 +147,48 @@ def make_data(path: Path, tokens: int, vocab_size: int, max_length: int, seed: i
     return {"rows": rows, "approx_tokens": total, "doc_tokens": [lo, hi], "distribution": "log-uniform"}
 
 
+def make_pairs(path: Path, tokens: int, vocab_size: int, max_length: int, seed: int = 0) -> dict:
+    """Preference pairs of random words: a prompt of n/8 words, chosen and rejected answers of n words each,
+    n log-uniform in [128, min(8000, max_length / 2)] (prompt + answer fits max_length: nothing truncated)."""
+    rng = random.Random(seed)
+    lo, hi = 128, max(256, min(8000, max_length // 2 - 16))
+    total, rows = 0, 0
+    first = len(WORDS_SPECIAL)
+
+    def words(k):
+        return " ".join(f"w{rng.randrange(first, vocab_size)}" for _ in range(k))
+
+    with open(path, "w") as f:
+        while total < tokens:
+            n = int(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+            p = max(1, n // 8)
+            row = {"prompt": [{"role": "user", "content": words(p)}],
+                   "chosen": [{"role": "assistant", "content": words(n)}],
+                   "rejected": [{"role": "assistant", "content": words(n)}]}
+            f.write(json.dumps(row) + "\n")
+            total, rows = total + 2 * (p + n + 8), rows + 1
+    return {"rows": rows, "approx_tokens": total, "doc_tokens": [lo, hi], "distribution": "log-uniform",
+            "kind": "preference pairs (prompt n/8, chosen n, rejected n)"}
+
+
 def recipe_for(variant: dict, args, model_dir: Path, data: Path, out: Path) -> dict:
-    raw = yaml.safe_load(BASE_RECIPE.read_text())
+    raw = yaml.safe_load(BASE_RECIPES[args.method].read_text())
+    columns = ["messages"] if args.method == "sft" else ["prompt", "chosen", "rejected"]
+    if args.method == "dpo":  # the word-level tokenizer has no chat template: mid.yaml's (the handbook's ChatML)
+        raw["chat_template"] = yaml.safe_load(BASE_RECIPES["sft"].read_text())["chat_template"]
     raw.update(
         model_name_or_path=str(model_dir), trust_remote_code=False,
-        dataset_mixture={"datasets": [{"id": str(data), "split": "train", "columns": ["messages"], "weight": 1.0}],
+        dataset_mixture={"datasets": [{"id": str(data), "split": "train", "columns": columns, "weight": 1.0}],
                          "seed": 0},
         max_length=args.max_length, max_steps=args.steps, num_train_epochs=1, report_to=["none"],
         save_strategy="no", logging_steps=1, log_level="warning", dataset_num_proc=None,
         output_dir=str(out / "hf"),
     )
     raw.pop("save_steps", None)
+    variant = dict(variant)
+    acc = variant.pop("accelerate_config", None)
     raw.update(variant)
-    raw["ray"] = {**raw.get("ray", {}), "nodes": 1, "gpus_per_node": args.gpus,
+    raw["ray"] = {**raw.get("ray", {}), **({"accelerate_config": str(acc)} if acc else {}), "nodes": 1, "gpus_per_node": args.gpus,
                   "cpus_per_worker": max(1, min(8, (os.cpu_count() or 2) // max(1, args.gpus) - 1))}
     if args.cpu_smoke:
         raw.update(bf16=False, dtype="float32")
@@ -173,9 +212,11 @@ def run_one(idx: int, path: str, vname: str, recipe_file: Path, args, work: Path
         if args.cpu_smoke:
             cmd.append("--tiny")
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG),
+        acc = (yaml.safe_load(recipe_file.read_text()).get("ray") or {}).get("accelerate_config")
+        acc_file = ROOT / acc if acc else ACCELERATE_CONFIG  # the recipe's own, like the Ray path
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_file),
                "--num_processes", str(args.gpus), "--num_machines", "1", "--main_process_port", str(29500 + idx),
-               str(ROOT / "benchmarks" / "handbook_sft.py"), str(recipe_file)]
+               str(ROOT / "benchmarks" / PLAIN_SCRIPTS[args.method]), str(recipe_file)]
         if args.cpu_smoke:
             cmd[3:3] = ["--cpu"]
             env["BENCH_CPU"] = "1"
@@ -240,7 +281,7 @@ def analyse(res: dict, t_launch: float, args) -> dict:
     return rec
 
 
-def summarize(runs: list[dict], n_params: int, peak: float | None, gpus: int) -> dict:
+def summarize(runs: list[dict], n_params: int, peak: float | None, gpus: int, flops_per: int = 6) -> dict:
     groups: dict[str, list[dict]] = {}
     for r in runs:
         groups.setdefault(f"{r['path']}:{r['variant']}", []).append(r)
@@ -255,9 +296,9 @@ def summarize(runs: list[dict], n_params: int, peak: float | None, gpus: int) ->
             if tps:
                 g["tokens_per_s_per_gpu"] = round(statistics.median(tps), 1)
                 g["tokens_per_s_per_gpu_per_run"] = tps
-                g["model_tflops_per_gpu"] = round(6 * n_params * g["tokens_per_s_per_gpu"] / 1e12, 1)
+                g["model_tflops_per_gpu"] = round(flops_per * n_params * g["tokens_per_s_per_gpu"] / 1e12, 1)
                 if peak:
-                    g["mfu"] = round(6 * n_params * g["tokens_per_s_per_gpu"] / peak, 4)
+                    g["mfu"] = round(flops_per * n_params * g["tokens_per_s_per_gpu"] / peak, 4)
             peaks = [r["peak_allocated_gib"] for r in ok if r.get("peak_allocated_gib") is not None]
             g["peak_allocated_gib"] = max(peaks) if peaks else None
             firsts = [r["launch_to_first_step_s"] for r in ok if r.get("launch_to_first_step_s") is not None]
@@ -315,7 +356,9 @@ def render_md(res: dict) -> str:
              f"({res['params']['params_non_embedding']:,} without the tied embedding). Data: {res['data']['rows']:,} synthetic "
              f"chats ({res['data']['distribution']} document lengths {res['data']['doc_tokens']} tokens), BFD-packed to "
              f"max_length {a['max_length']}, {a['steps']} steps per run, first {a['warmup']} excluded. ZeRO-3 "
-             "(recipes/accelerate_configs/zero3.yaml), bf16.", "", "Variants (overrides of recipes/smollm3/sft/mid.yaml):", ""]
+             "(the recipe's accelerate config, recipes/accelerate_configs/zero3.yaml unless a variant names another), bf16.",
+             "", f"Method: {a.get('method', 'sft')}; MFU counts {res.get('flops_per_token_per_param', 6)} N FLOPs per token.",
+             "", f"Variants (overrides of {res.get('base_recipe', 'recipes/smollm3/sft/mid.yaml')}):", ""]
     for name, ov in res["variants"].items():
         lines.append(f"- `{name}`: " + (", ".join(f"{k}={v}" for k, v in ov.items()) or "the recipe as it is"))
     lines += ["", "| path:variant | runs ok | median step (s) | tokens/s/GPU | MFU | peak alloc (GiB) | launch to 1st step (s) |",
@@ -349,6 +392,8 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="")
     p.add_argument("--logs-tar", default=None, help="also pack every run's log into this .tar.gz")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny CPU check of this script (Ray path uses --tiny)")
+    p.add_argument("--method", choices=["sft", "dpo"], default="sft",
+                   help="sft: recipes/smollm3/sft/mid.yaml; dpo: recipes/smollm3/dpo/apo.yaml on preference pairs")
     args = p.parse_args(argv)
     t0 = time.time()
     import torch
@@ -376,13 +421,16 @@ def main(argv=None) -> int:
 
     # enough tokens for the largest variant's steps (x1.5), in one file both paths read
     need = 0
-    base = yaml.safe_load(BASE_RECIPE.read_text())
+    base = yaml.safe_load(BASE_RECIPES[args.method].read_text())
     for _, vname in seq:
         v = {**base, "max_length": args.max_length, **variants[vname]}
         need = max(need, args.steps * v["per_device_train_batch_size"] * v["gradient_accumulation_steps"] * args.gpus
                    * v["max_length"])
-    data_file = work / f"data-{args.size}-{args.max_length}-{need}.jsonl"
-    data = make_data(data_file, int(need * 1.5), cfg.vocab_size, args.max_length)
+    data_file = work / f"data-{args.method}-{args.size}-{args.max_length}-{need}.jsonl"
+    if args.method == "sft":
+        data = make_data(data_file, int(need * 1.5), cfg.vocab_size, args.max_length)
+    else:  # a pair is one row of at most max_length per answer, not packed: far fewer tokens per step than SFT
+        data = make_pairs(data_file, int(need * 0.5), cfg.vocab_size, args.max_length)
     recipes = {}
     for vname in {v for _, v in seq}:
         f = work / f"recipe-{vname}.yaml"
@@ -411,13 +459,15 @@ def main(argv=None) -> int:
         "date": now.isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/train_throughput.py"] + (argv if argv is not None else sys.argv[1:])),
         "args": vars(args), "gpu": gpu, "peak_flops": peak, "versions": versions(),
+        "base_recipe": str(BASE_RECIPES[args.method].relative_to(ROOT)),
+        "flops_per_token_per_param": FLOPS_PER_TOKEN_PER_PARAM[args.method],
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "model_config": cfg.to_dict(), "params": params, "data": data,
         "variants": {k: variants[k] for k in dict.fromkeys(v for _, v in seq)},
         "recipes": {k: yaml.safe_load(f.read_text()) for k, f in recipes.items()},
         "runs": runs,
     }
-    res["summary"] = summarize(runs, params["params"], peak, args.gpus)
+    res["summary"] = summarize(runs, params["params"], peak, args.gpus, FLOPS_PER_TOKEN_PER_PARAM[args.method])
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     stem = f"train_throughput-{now:%Y-%m-%d}" + (f"-{args.tag}" if args.tag else "")

@@ -285,6 +285,29 @@ def to_universal(checkpoint_dir: str) -> float:
     return time.time() - t0
 
 
+def unshare_step_counters(optimizer) -> int:
+    """Give every optimizer state its own `step` tensor; returns how many were shared.
+
+    deepspeed 0.19.8's ZeRO-3 universal-checkpoint load (`load_hp_checkpoint_state_from_checkpoint_dir_stage3`)
+    assigns one and the same `step` tensor to the state of every parameter sub-group. torch's Adam increments
+    `state["step"]` in place once per sub-group step, so after such a load the counter advanced by the number of
+    sub-groups per optimizer step and Adam's bias correction went wrong from the second step after the resume
+    (the slow loss drift after a reshard that docs/fault-tolerance.md used to list as not diagnosed)."""
+    import torch
+
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    seen, shared = set(), 0
+    for state in optimizer.state.values():
+        step = state.get("step") if isinstance(state, dict) else None
+        if isinstance(step, torch.Tensor):
+            if id(step) in seen:
+                state["step"] = step.clone()
+                shared += 1
+            seen.add(id(state["step"]))
+    return shared
+
+
 # ----------------------------------------------------------------------------------------------- run log
 def heartbeat(logs: str, attempt: str, step: int) -> None:
     """Rank 0's last completed step of this attempt (what a restart after a crash lost)."""

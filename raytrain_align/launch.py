@@ -80,8 +80,10 @@ def run(plan: Plan, log=print):
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": asdict(plan), "prepared": asdict(prepared), "scratch_id": uuid.uuid4().hex[:12],
-                           # testing hook (tests/test_elastic.py): a fault the first attempt injects
-                           "fault": os.environ.get("RAYTRAIN_ALIGN_FAULT", "")},
+                           # testing hooks (tests/test_elastic.py): a fault the first attempt injects, and a
+                           # pause after every step (a model slow enough for a node to rejoin mid-run)
+                           "fault": os.environ.get("RAYTRAIN_ALIGN_FAULT", ""),
+                           "step_delay_s": float(os.environ.get("RAYTRAIN_ALIGN_STEP_DELAY_S") or 0)},
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo", timeout_s=plan.collective_timeout_s),
         # elastic: Ray Train starts with what the cluster has (>= min), restarts smaller when workers are lost and
         # larger when resources come back, each time from the latest committed checkpoint (train.py reshards it)

@@ -152,6 +152,8 @@ class _Elastic:
         self.last_beat = 0.0
         self.preempted = None  # ray.train.PreemptionInfo once a node of this group drains
         self.crash_in_save = None  # testing hook: RAYTRAIN_ALIGN_FAULT=crash_in_save@STEP on the driver
+        self.commit_seconds: list[float] = []  # per checkpoint: report() returned -> committed by the controller
+        self.step_delay_s = 0.0  # testing hook: RAYTRAIN_ALIGN_STEP_DELAY_S on the driver
 
 
 def _checkpoint_callback(es: _Elastic):
@@ -169,6 +171,10 @@ def _checkpoint_callback(es: _Elastic):
     class RayCheckpointReport(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             """The checkpoint (if any) is loaded now: check its optimizer state arrived whole, log the start."""
+            if es.resharded and "universal" in es.resharded:
+                shared = elastic.unshare_step_counters(kwargs["optimizer"])
+                if shared:
+                    es.resharded += f"; {shared + 1} sub-groups' shared Adam step counter split"
             saved = (es.position or {}).get("optimizer_digest")
             match = None
             if saved:  # every rank (a collective), the same condition on all
@@ -188,6 +194,8 @@ def _checkpoint_callback(es: _Elastic):
 
         def on_step_end(self, args, state, control, **kwargs):
             es.samples.step_done(state.global_step, state.epoch)
+            if es.step_delay_s:
+                time.sleep(es.step_delay_s)
             if es.rank == 0 and time.time() - es.last_beat >= es.heartbeat_every:
                 elastic.heartbeat(es.logs, es.attempt, state.global_step)
                 es.last_beat = time.time()
@@ -217,6 +225,13 @@ def _checkpoint_callback(es: _Elastic):
                 if os.path.isdir(path):
                     ckpt = ray.train.Checkpoint.from_directory(path)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint-{step:07d}")
+            # report() returns once this rank's part is uploaded; the checkpoint becomes the one a restart resumes
+            # from only when the controller has collected every rank's report. A rank lost before that (a worker
+            # killed a step later, a drained node taken away) would leave it uncommitted, and the restart would
+            # go back to the previous one. So every rank waits for the commit (about one controller poll).
+            t0 = time.time()
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+            es.commit_seconds.append(time.time() - t0)
             if es.preempted is not None:
                 self._wait_for_restart(step)
 
@@ -482,6 +497,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fault = config.get("fault") or ""
     if fault.startswith("crash_in_save@") and not ray.train.get_checkpoint():  # the first attempt only
         es.crash_in_save = int(fault.split("@")[1])
+    es.step_delay_s = float(config.get("step_delay_s") or 0)
     trainer.add_callback(_checkpoint_callback(es))
 
     # Exactly-once data: one order per epoch at every world size; the Trainer's resume skip (global_step x
@@ -562,7 +578,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "run_log_dir": es.logs,
             "world_size": ctx.get_world_size(),
             "train_seconds": train_seconds,
-            "timing": timer.stats,
+            "timing": {**timer.stats, "checkpoint_commit_seconds": es.commit_seconds},
             "prepared": prepared,
         }
         (export / "raytrain_align_run.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -59,22 +59,24 @@ def _common(r, reference):
         assert r["max_loss_diff_vs_uninterrupted"] < 1e-5
 
 
-def test_node_lost_then_added_back_keeps_batch_and_optimizer(cluster, storage, reference):
+@pytest.mark.parametrize("backend", ["deepspeed", "fsdp"])
+def test_node_lost_then_added_back_keeps_batch_and_optimizer(cluster, storage, reference, backend):
     c, nodes = cluster
-    r = ft.node_lost_and_back(c, nodes, c.address, storage, reference)
+    r = ft.node_lost_and_back(c, nodes, c.address, storage, reference, backend=backend)
+    # FSDP2 is compared with the ZeRO-3 uninterrupted run: their losses agree within 1e-3 (tests/test_fsdp.py)
     _common(r, reference)
     first, shrink, grow = r["starts"]
     assert first["world_size"] == 4 and first["gradient_accumulation_steps"] == 3
     assert shrink["cause"] == "shrink 4 -> 2 (workers lost)" and shrink["gradient_accumulation_steps"] == 6
     assert grow["cause"] == "grow 2 -> 4 (resources added)" and grow["world_size"] == 4
-    for start in (shrink, grow):  # deepspeed refuses a ZeRO-3 checkpoint of another world size: universal format
-        assert "via universal checkpoint" in start["resharded"]
+    for start in (shrink, grow):
+        if backend == "deepspeed":  # deepspeed refuses a ZeRO-3 checkpoint of another world size: universal format
+            assert "via universal checkpoint" in start["resharded"]
+        else:  # torch distributed checkpoint: the sharded model and optimizer state reshard on load
+            assert start["resharded"].startswith("fsdp 4 -> 2" if start is shrink else "fsdp 2 -> 4")
     assert r["final_world_size"] == 4
 
 
-@pytest.mark.xfail(strict=True, reason="open bug (issue 5): the emergency checkpoint is taken and reported after the drain "
-                   "notice, but the restart resumes from the previous periodic checkpoint (measured: emergency at step 13, "
-                   "resumed from 10); not diagnosed")
 def test_node_drain_takes_an_emergency_checkpoint_and_loses_no_step(cluster, storage, reference):
     c, nodes = cluster
     r = ft.node_drained(c, nodes, c.address, storage, reference)

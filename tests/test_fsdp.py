@@ -202,8 +202,6 @@ def test_first_20_losses_equal_zero3(ray_address, storage, fsdp_sft):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="open bug (issue 9): the restarted FSDP2 worker group starts again from step 1 "
-                   "instead of the step-5 checkpoint; not diagnosed yet")
 def test_killed_worker_resumes_from_sharded_checkpoint(ray_address, storage, fsdp_sft):
     """SIGKILL rank 1 after the step-5 checkpoint (torch distributed checkpoint of model and optimizer, committed
     through ray.train.report): the restarted worker group (same world size) resumes it and the losses after
