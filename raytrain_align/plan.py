@@ -54,6 +54,7 @@ class Plan:
     # elastic: Ray Train may run anywhere from min_workers to world_size workers (the global batch is kept)
     min_workers: int = 0  # 0: a fixed world size
     resize_interval_s: float = 60.0  # how often a running elastic group checks for more resources (Ray's default)
+    checkpoint_upload: str = "sync"  # "async": checkpoints upload in a background thread while training goes on
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -289,6 +290,10 @@ def build_plan(
         out = str(Path(out).expanduser().resolve())
     training["output_dir"] = out
 
+    checkpoint_upload = ray_cfg.get("checkpoint_upload") or "sync"
+    if checkpoint_upload not in ("sync", "async"):
+        raise RecipeError(f"ray.checkpoint_upload is '{checkpoint_upload}'; use 'sync' (training waits until a "
+                          "checkpoint is committed) or 'async' (it uploads in the background)")
     long_samples = ray_cfg.get("long_samples") or "truncate"
     if long_samples not in ("truncate", "drop"):
         raise RecipeError(f"ray.long_samples is '{long_samples}'; use 'truncate' (TRL's behaviour) or 'drop'")
@@ -325,6 +330,7 @@ def build_plan(
         fsdp_config=fsdp_cfg,
         min_workers=lo_world if lo_world < world else 0,
         resize_interval_s=float(ray_cfg.get("resize_interval_s") or 60.0),
+        checkpoint_upload=checkpoint_upload,
     )
 
 
@@ -339,6 +345,8 @@ def describe(plan: Plan) -> str:
     if plan.min_workers:
         lines.append(f"elastic       {plan.min_workers}..{plan.world_size} workers; grad-acc follows the world size, GBS "
                      f"{plan.global_batch_size} kept; up to {plan.max_failures} restarts after failures")
+    if plan.checkpoint_upload == "async":
+        lines.append("checkpoints   uploaded in the background (ray.checkpoint_upload: async); training does not wait")
     lines += [
         f"backend       {plan.backend} (from {plan.accelerate_config})",
     ]

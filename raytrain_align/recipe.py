@@ -44,6 +44,7 @@ RAY_FIELDS: dict[str, Any] = {
     "global_batch_size": int,  # if set, gradient_accumulation_steps is derived from it
     "strict_data": bool,  # bad rows are an error instead of being dropped and counted
     "long_samples": str,  # "truncate" (TRL's behaviour) or "drop" rows longer than max_length
+    "checkpoint_upload": str,  # "sync" (training waits for the commit) or "async" (uploads in the background)
 }
 
 # Fields current TRL/transformers renamed: translated with one warning line each, never dropped.
@@ -247,6 +248,8 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             parsed = yaml.safe_load(value) if value != "" else ""
         except yaml.YAMLError:
             parsed = value
+        if isinstance(parsed, bool) and value.strip().lower() not in ("true", "false"):
+            parsed = value  # YAML 1.1 reads no/yes/on/off as booleans; `--save_strategy no` means the string
         out[key.strip()] = parsed
     return out
 

@@ -154,6 +154,7 @@ class _Elastic:
         self.crash_in_save = None  # testing hook: RAYTRAIN_ALIGN_FAULT=crash_in_save@STEP on the driver
         self.commit_seconds: list[float] = []  # per checkpoint: report() returned -> committed by the controller
         self.step_delay_s = 0.0  # testing hook: RAYTRAIN_ALIGN_STEP_DELAY_S on the driver
+        self.async_upload = plan.checkpoint_upload == "async"
 
 
 def _checkpoint_callback(es: _Elastic):
@@ -224,6 +225,13 @@ def _checkpoint_callback(es: _Elastic):
                 # the folder this save just wrote (not the highest-numbered one: scratch may hold an older run's)
                 if os.path.isdir(path):
                     ckpt = ray.train.Checkpoint.from_directory(path)
+            if es.async_upload and es.preempted is None:
+                # ray.checkpoint_upload: async — Ray uploads this node's folder in a background thread, reports it
+                # when done and then deletes the local copy (the Trainer's own rotation is off, see below);
+                # training goes on meanwhile
+                ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint-{step:07d}",
+                                 checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+                return
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint-{step:07d}")
             # report() returns once this rank's part is uploaded; the checkpoint becomes the one a restart resumes
             # from only when the controller has collected every rank's report. A rank lost before that (a worker
@@ -453,6 +461,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         gradient_accumulation_steps=grad_accum,  # this start's world size, the plan's global batch
         push_to_hub=False,
     )
+    if plan.checkpoint_upload == "async":
+        # Ray deletes each local checkpoint once it is uploaded; the Trainer's rotation (save_total_limit) could
+        # delete one still being uploaded. What storage keeps is CheckpointConfig(num_to_keep) either way.
+        training["save_total_limit"] = None
     if "tensorboard" in str(training.get("report_to")) and "://" not in plan.storage_path:  # events next to the checkpoints
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", f"{plan.storage_path}/{plan.run_name}/tensorboard")
     args = config_cls(**training)  # with a DeepSpeed ZeRO-3 plugin, from_pretrained below runs under zero.Init

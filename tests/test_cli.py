@@ -49,6 +49,13 @@ def test_plan_human_readable_and_handbook_style_override(capsys):
     assert "world size 16" in out and "GBS 64" in out and '"stage": 3' in out
 
 
+def test_handbook_style_no_is_a_string_not_a_yaml_boolean(capsys):
+    # `--save_strategy no` as in the handbook's commands (YAML 1.1 alone would read `no` as False)
+    assert cli.main(["plan", "sft_mid", "--save_strategy", "no", "--set", "eval_strategy=no", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["training"]["save_strategy"] == "no" and plan["training"]["eval_strategy"] == "no"
+
+
 def test_plan_tiny_is_two_cpu_workers(capsys, tmp_path):
     assert cli.main(["plan", "sft_mid", "--tiny", "--json", "--storage", str(tmp_path / "s")]) == 0
     plan = json.loads(capsys.readouterr().out)
@@ -68,6 +75,8 @@ BAD = {
     "unknown recipe": (lambda t: ["sft_mdi"], "known recipes: sft_mid"),
     "unknown yaml key": (lambda t: [_write_recipe(t, "learnig_rate: 1.0e-5")], "did you mean 'learning_rate'"),
     "wrong type": (lambda t: [_write_recipe(t, "ray:\n  nodes: two")], "ray.nodes must be N or MIN:MAX, got 'two'"),
+    "bad checkpoint upload": (lambda t: [_write_recipe(t, "ray:\n  checkpoint_upload: later")],
+                              "ray.checkpoint_upload is 'later'; use 'sync'"),
     "wrong type trl field": (lambda t: ["sft_mid", "--set", "num_train_epochs=many"], "'num_train_epochs' must be float"),
     "missing accelerate config": (lambda t: ["sft_mid", "--accelerate-config", "nope.yaml"], "--accelerate-config"),
     "set unknown key": (lambda t: ["sft_mid", "--set", "lerning_rate=1"], "did you mean 'learning_rate'"),
