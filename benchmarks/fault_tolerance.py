@@ -153,31 +153,40 @@ class Run:
         self.proc.wait()
 
 
-def evidence(run: Run, reference: dict | None) -> dict:
-    """What the run's own files say: the run log, exactly-once per epoch, losses vs the uninterrupted run."""
+def trained_exactly_once(summary: dict, steps_total: int) -> tuple[dict[int, list[str]], bool]:
+    """From a finished run's summary (raytrain_align_run.json): the sample log over every attempt ({step: row ids}),
+    and whether each epoch's steps trained exactly the rows of that epoch's order, each once, every step of the
+    run present once."""
     from raytrain_align import elastic
     from raytrain_align.prepare import read_prepared
 
-    if run.proc.returncode != 0:
-        raise AssertionError(f"run {run.name} failed ({run.proc.returncode}):\n" + "".join(run.lines[-80:]))
-    summary = json.loads((run.out / "raytrain_align_run.json").read_text())
-    logs = summary["run_log_dir"]
-    starts = [r for r in elastic.read_jsonl(f"{logs}/{elastic.RUN_LOG}") if r["event"] == "start"]
-    trained = elastic.trained_samples(logs)
+    trained = elastic.trained_samples(summary["run_log_dir"])
     order = summary["data_order"]
-    rows = read_prepared(summary["prepared"]["path"])
-    ids = [elastic.sample_id(r) for r in rows]
+    ids = [elastic.sample_id(r) for r in read_prepared(summary["prepared"]["path"])]
     sampler = elastic.GlobalOrderSampler(order["rows"], order["global_batch_size"], order["seed"])
     per_epoch = order["steps_per_epoch"]
-    exactly_once = True
-    for epoch in range(STEPS // per_epoch + 1):
+    ok = sorted(trained) == list(range(1, steps_total + 1))
+    for epoch in range(steps_total // per_epoch + 1):
         steps = [s for s in trained if (s - 1) // per_epoch == epoch]
         if not steps:
             continue
         got = Counter(i for s in steps for i in trained[s])
         full = len(steps) == per_epoch
         want = Counter(ids[i] for i in sampler.order(epoch)[: len(steps) * order["global_batch_size"]])
-        exactly_once &= got == want and (full or steps[-1] == STEPS)
+        ok &= got == want and (full or steps[-1] == steps_total)
+    return trained, ok
+
+
+def evidence(run: Run, reference: dict | None) -> dict:
+    """What the run's own files say: the run log, exactly-once per epoch, losses vs the uninterrupted run."""
+    from raytrain_align import elastic
+
+    if run.proc.returncode != 0:
+        raise AssertionError(f"run {run.name} failed ({run.proc.returncode}):\n" + "".join(run.lines[-80:]))
+    summary = json.loads((run.out / "raytrain_align_run.json").read_text())
+    logs = summary["run_log_dir"]
+    starts = [r for r in elastic.read_jsonl(f"{logs}/{elastic.RUN_LOG}") if r["event"] == "start"]
+    trained, exactly_once = trained_exactly_once(summary, STEPS)
     losses = {e["step"]: e["loss"] for e in summary["log_history"] if "loss" in e}
     record = {
         "scenario": run.name,
@@ -187,7 +196,7 @@ def evidence(run: Run, reference: dict | None) -> dict:
         "restarts": len(starts) - 1,
         "trained_steps": sorted(trained),
         "samples_per_step": sorted({len(v) for v in trained.values()}),
-        "exactly_once": exactly_once and sorted(trained) == list(range(1, STEPS + 1)),
+        "exactly_once": exactly_once,
         "losses": losses,
         "final_world_size": summary["world_size"],
     }
