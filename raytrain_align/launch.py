@@ -31,15 +31,20 @@ def check_gpus(plan: Plan) -> None:
             )
 
 
+def token_available() -> bool:
+    """A Ray auth token where Ray looks for one. Ray 2.60 starts a head with token auth when it finds one (and
+    without, when not); whatever joins that head must then ask for token auth itself."""
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or (Path.home() / ".ray" / "auth_token").exists())
+
+
 def init_ray() -> None:
     """Join the cluster in RAY_ADDRESS (a `ray job submit` entrypoint, a head node), else start a local one."""
     import ray
 
     if ray.is_initialized():
         return
-    has_token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or (
-        Path.home() / ".ray" / "auth_token").exists()
-    if os.environ.get("RAY_ADDRESS") and "RAY_AUTH_MODE" not in os.environ and has_token:
+    if os.environ.get("RAY_ADDRESS") and "RAY_AUTH_MODE" not in os.environ and token_available():
         # Ray 2.60 clusters use token auth by default, but a client joining one only sends the token when asked to.
         os.environ["RAY_AUTH_MODE"] = "token"
         from ray._raylet import Config

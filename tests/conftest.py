@@ -42,8 +42,12 @@ def ray_address(tmp_path_factory):
 def two_nodes(ray_address):
     """The session head plus a second raylet (2 CPUs, resource `second_node`): a 2-node cluster on one machine.
     Stays up for the rest of the session (stopped with the head)."""
+    from raytrain_align.launch import token_available
+
+    # the head (started without RAY_AUTH_MODE) uses token auth exactly when a token exists; the raylet must match
+    auth = {"RAY_AUTH_MODE": "token"} if token_available() and "RAY_AUTH_MODE" not in os.environ else {}
     r = _ray("start", f"--address={ray_address}", "--num-cpus=2", "--num-gpus=0", '--resources={"second_node": 1}',
-             "--disable-usage-stats", timeout=180, env={**os.environ, "RAY_AUTH_MODE": "token"})
+             "--disable-usage-stats", timeout=180, env={**os.environ, **auth})
     assert r.returncode == 0, r.stdout + r.stderr
     yield ray_address
 
