@@ -80,7 +80,7 @@ def one_run(recipe: str, address: str, storage: Path, name: str, steps: int) -> 
             "first_step_end_s": round(timing["step_end_unix"][0] - t0, 2),
             "train_begin_s": round(timing["train_begin_unix"] - t0, 2),
             "first_step_s": round(timing["step_seconds"][0], 3),
-            "prepared_cached": run["prepared"].get("cached"), "milestones_s": seen}
+            "prepared_reused": run["prepared"]["reused"], "milestones_s": seen}
 
 
 def main(argv=None) -> int:
@@ -104,6 +104,8 @@ def main(argv=None) -> int:
         runs = []
         for i in range(args.runs):
             rec = one_run(args.recipe, address, storage, f"ttfs{i}", args.steps)
+            if not rec["prepared_reused"]:
+                raise SystemExit(f"run {i} prepared its data again: not the warm case this script measures")
             runs.append(rec)
             print(f"run {i}: first step ended {rec['first_step_end_s']}s after launch; {rec['milestones_s']}", flush=True)
     finally:

@@ -53,7 +53,6 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 BASE_RECIPES = {"sft": ROOT / "recipes" / "smollm3" / "sft" / "mid.yaml",
                 "dpo": ROOT / "recipes" / "smollm3" / "dpo" / "apo.yaml"}
-BASE_RECIPE = BASE_RECIPES["sft"]
 PLAIN_SCRIPTS = {"sft": "handbook_sft.py", "dpo": "handbook_dpo.py"}
 FLOPS_PER_TOKEN_PER_PARAM = {"sft": 6, "dpo": 8}  # DPO: policy fwd+bwd (6) + reference fwd (2)
 ACCELERATE_CONFIG = ROOT / "recipes" / "accelerate_configs" / "zero3.yaml"

@@ -225,14 +225,15 @@ def _checkpoint_callback(es: _Elastic):
                 # the folder this save just wrote (not the highest-numbered one: scratch may hold an older run's)
                 if os.path.isdir(path):
                     ckpt = ray.train.Checkpoint.from_directory(path)
-            if es.async_upload and es.preempted is None:
-                # ray.checkpoint_upload: async — Ray uploads this node's folder in a background thread, reports it
-                # when done and then deletes the local copy (the Trainer's own rotation is off, see below);
-                # training goes on meanwhile
-                ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint-{step:07d}",
-                                 checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+            # ray.checkpoint_upload: async — Ray uploads this node's folder in a background thread, reports it when
+            # done and then deletes the local copy (the Trainer's own rotation is off, see below); training goes on.
+            # An emergency (preemption) checkpoint is always uploaded and committed before anything else.
+            background = es.async_upload and es.preempted is None
+            mode = ray.train.CheckpointUploadMode.ASYNC if background else ray.train.CheckpointUploadMode.SYNC
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint-{step:07d}",
+                             checkpoint_upload_mode=mode)
+            if background:
                 return
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint-{step:07d}")
             # report() returns once this rank's part is uploaded; the checkpoint becomes the one a restart resumes
             # from only when the controller has collected every rank's report. A rank lost before that (a worker
             # killed a step later, a drained node taken away) would leave it uncommitted, and the restart would
