@@ -22,6 +22,8 @@ def _parser(prog: str, stages: bool = False) -> argparse.ArgumentParser:
     else:
         p.add_argument("recipe", help="registered recipe name (see `recipes`) or path to a recipe YAML")
     p.add_argument("--tiny", action="store_true", help="embedded default: tiny model + synthetic data, 2 CPU workers")
+    p.add_argument("--cpu", action="store_true", help="the recipe's own model and data on CPU workers over gloo "
+                   "(2 on one node unless --nodes/--gpus-per-node say otherwise)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     p.add_argument("--nodes", help="number of nodes, or MIN:MAX for an elastic run (default: recipe ray.nodes)")
     p.add_argument("--num-workers", help="Ray workers (GPUs), or MIN:MAX for an elastic run; the global batch is kept "
@@ -68,6 +70,7 @@ def _load(args, extra, recipe_name: str | None = None, stage_overrides: dict | N
     return build_plan(
         recipe, tiny=args.tiny, nodes=args.nodes, gpus_per_node=args.gpus_per_node, storage=args.storage,
         output_dir=output_dir or args.output_dir, max_failures=args.max_failures, num_workers=args.num_workers, explicit=frozenset(overrides),
+        cpu=args.cpu,
     )
 
 

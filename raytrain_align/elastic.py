@@ -27,10 +27,10 @@ import io
 import json
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import storage
 from .errors import RecipeError
 
 POSITION_FILE = "raytrain_align_position.json"  # in every checkpoint: data position, world size, optimizer digest
@@ -94,46 +94,8 @@ def sample_id(example: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- storage
-def _fs(path: str):
-    from .prepare import storage_fs
-
-    return storage_fs(path)
-
-
-def write_text(path: str, text: str) -> None:
-    """A whole file: temp name + rename on filesystems, one object put on object stores (atomic either way)."""
-    fs, p = _fs(path)
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    tmp = p if "://" in path else f"{p}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(text.encode())
-    if tmp != p:
-        fs.move(tmp, p)
-
-
-def read_text(path: str) -> str | None:
-    import pyarrow.fs
-
-    fs, p = _fs(path)
-    if fs.get_file_info(p).type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(p) as f:
-        return f.read().decode()
-
-
 def read_jsonl(path: str) -> list[dict]:
-    return [json.loads(line) for line in (read_text(path) or "").splitlines() if line.strip()]
-
-
-def list_files(folder: str) -> list[str]:
-    import pyarrow.fs
-
-    fs, p = _fs(folder)
-    if fs.get_file_info(p).type != pyarrow.fs.FileType.Directory:
-        return []
-    prefix = folder[: folder.index("://") + 3] if "://" in folder else ""
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(p, recursive=True))
-    return sorted(prefix + i.path for i in infos if i.type == pyarrow.fs.FileType.File and ".tmp-" not in i.path)
+    return [json.loads(line) for line in (storage.read_text(path) or "").splitlines() if line.strip()]
 
 
 def log_dir(storage_path: str, run_name: str) -> str:
@@ -175,7 +137,7 @@ class SampleLog:
 
     def flush(self, step: int) -> None:
         if self.lines:
-            write_text(f"{self.folder}/rank{self.rank:04d}-{step:08d}.jsonl", "\n".join(self.lines) + "\n")
+            storage.write_text(f"{self.folder}/rank{self.rank:04d}-{step:08d}.jsonl", "\n".join(self.lines) + "\n")
             self.lines = []
 
 
@@ -188,7 +150,7 @@ def trained_samples(logs: str) -> dict[int, list[str]]:
     for start in starts:
         steps = {s: v for s, v in steps.items() if s <= start["resumed_step"]}  # rolled back by this attempt
         mine: dict[int, list[str]] = {}
-        for path in list_files(f"{logs}/samples/{start['attempt']}"):
+        for path in storage.list_files(f"{logs}/samples/{start['attempt']}"):
             for row in read_jsonl(path):
                 mine.setdefault(row["step"], []).extend(row["samples"])
         steps.update(mine)
@@ -311,7 +273,7 @@ def unshare_step_counters(optimizer) -> int:
 # ----------------------------------------------------------------------------------------------- run log
 def heartbeat(logs: str, attempt: str, step: int) -> None:
     """Rank 0's last completed step of this attempt (what a restart after a crash lost)."""
-    write_text(f"{logs}/attempts/{attempt}.json", json.dumps({"step": step, "unix": round(time.time(), 3)}))
+    storage.write_text(f"{logs}/attempts/{attempt}.json", json.dumps({"step": step, "unix": round(time.time(), 3)}))
 
 
 def log_start(logs: str, attempt: str, *, world: int, gbs: int, grad_accum: int, position: dict | None,
@@ -330,7 +292,7 @@ def log_start(logs: str, attempt: str, *, world: int, gbs: int, grad_accum: int,
                               "world_size": world, "prev_world_size": prev["world_size"] if prev else None,
                               "global_batch_size": gbs, "gradient_accumulation_steps": grad_accum,
                               "resumed_step": resumed}
-    beat = json.loads(read_text(f"{logs}/attempts/{prev['attempt']}.json") or "null") if prev else None
+    beat = json.loads(storage.read_text(f"{logs}/attempts/{prev['attempt']}.json") or "null") if prev else None
     if prev is None:
         record["cause"] = "resumed an existing run" if position else "start"
     elif prev.get("launch_id") != launch_id:
@@ -355,7 +317,7 @@ def log_start(logs: str, attempt: str, *, world: int, gbs: int, grad_accum: int,
         record["optimizer_state_max_rel_diff"] = optimizer_match
     if resharded:
         record["resharded"] = resharded
-    write_text(path, "".join(json.dumps(r) + "\n" for r in [*rows, record]))
+    storage.write_text(path, "".join(json.dumps(r) + "\n" for r in [*rows, record]))
     return record
 
 

@@ -49,6 +49,7 @@ class Plan:
     deepspeed_config: dict[str, Any] | None
     data: dict[str, Any] = field(default_factory=dict)  # data preparation options: strict, long_samples
     tiny_overrides: dict[str, Any] = field(default_factory=dict)
+    cpu_overrides: dict[str, Any] = field(default_factory=dict)  # what CPU workers cannot do as the recipe says
     recipe_model: str = ""  # the recipe's own model_name_or_path (before --tiny swapped it)
     fsdp_config: dict[str, Any] | None = None  # the FSDP2 plugin accelerate builds from accelerate_env
     # elastic: Ray Train may run anywhere from min_workers to world_size workers (the global batch is kept)
@@ -194,6 +195,22 @@ def _positive(name: str, value) -> int:
     return value
 
 
+def cpu_only_overrides(model: dict, training: dict, explicit: frozenset[str]) -> dict[str, Any]:
+    """What a recipe asks of a GPU that CPU workers cannot do: fp32 instead of bf16/fp16, sdpa instead of
+    flash-attention kernels, no liger-kernel or torch.compile. Shown in the plan; keys the user set stay."""
+    out: dict[str, Any] = {}
+    if training.get("bf16") or training.get("fp16"):
+        out.update(bf16=False, fp16=False)
+    if model.get("dtype") in ("bfloat16", "float16"):
+        out["dtype"] = "float32"
+    if str(model.get("attn_implementation") or "").startswith(("flash", "kernels-")):
+        out["attn_implementation"] = "sdpa"
+    for key in ("use_liger_kernel", "torch_compile"):
+        if training.get(key):
+            out[key] = False
+    return {k: v for k, v in out.items() if k not in explicit}
+
+
 def build_plan(
     recipe: Recipe,
     tiny: bool = False,
@@ -204,6 +221,7 @@ def build_plan(
     max_failures: int | None = None,
     num_workers: str | None = None,  # "MIN:MAX" Ray workers (elastic) or "N"; beats nodes x gpus_per_node
     explicit: frozenset[str] = frozenset(),  # keys the user --set: --tiny leaves them alone
+    cpu: bool = False,  # --cpu: the recipe's own model and data on CPU workers
 ) -> Plan:
     from . import tiny as tiny_mod
 
@@ -228,11 +246,19 @@ def build_plan(
         node_range = worker_range("--nodes", nodes or 1)
         use_gpu = False
         cpus = 1
+    elif cpu:  # a laptop: one node of TINY_WORKERS CPU workers unless told otherwise
+        per_node = _positive("--gpus-per-node", gpus_per_node or tiny_mod.TINY_WORKERS)
+        node_range = worker_range("--nodes", nodes or 1)
+        use_gpu = False
+        cpus = 1
     else:
         per_node = _positive("--gpus-per-node", gpus_per_node or ray_cfg.get("gpus_per_node") or per_node_default)
         node_range = worker_range("--nodes" if nodes else "ray.nodes", nodes or ray_cfg.get("nodes") or num_machines)
-        use_gpu = True
+        use_gpu = ray_cfg.get("use_gpu", True) is not False
         cpus = _positive("ray.cpus_per_worker", ray_cfg.get("cpus_per_worker") or 1)
+    cpu_overrides = {} if use_gpu or tiny else cpu_only_overrides(model, training, explicit)
+    for key, value in cpu_overrides.items():
+        (model if key in tiny_mod.MODEL_KEYS else training)[key] = value
     nodes_ = node_range[1]
     lo_world, world = node_range[0] * per_node, nodes_ * per_node
     given = worker_range("--num-workers" if num_workers else "ray.num_workers", num_workers or ray_cfg.get("num_workers"))
@@ -262,7 +288,7 @@ def build_plan(
             "narrow the elastic range")
 
     backend = ACCELERATE_BACKENDS[acc["distributed_type"]]
-    mixed = "no" if tiny else None
+    mixed = None if use_gpu else "no"
     extra = fsdp2_launch_args(acc, recipe.accelerate_path)[0] if backend == "fsdp" else []
     env = accelerate_env(recipe.accelerate_path, nodes_, world, mixed, extra)
     ds_cfg = deepspeed_config_for(env, training, world, gbs) if backend == "deepspeed" else None
@@ -274,9 +300,9 @@ def build_plan(
     storage_path = storage or ray_cfg.get("storage_path") or os.environ.get("RAYTRAIN_ALIGN_STORAGE") or "~/ray_results"
     if "://" not in storage_path:
         storage_path = str(Path(storage_path).expanduser().resolve())
-    from .prepare import check_sources
+    from .sources import check_local
 
-    check_sources(script)  # local paths only (Hub ids are checked when loaded); --tiny keeps local entries
+    check_local(script)  # local paths only (Hub ids are checked when loaded); --tiny keeps local entries
     if tiny:
         assets = tiny_mod.assets_dir(storage_path)
         script = tiny_mod.tiny_script(recipe, assets)
@@ -326,6 +352,7 @@ def build_plan(
         deepspeed_config=ds_cfg,
         data={"strict": bool(ray_cfg.get("strict_data")), "long_samples": long_samples},
         tiny_overrides=overrides,
+        cpu_overrides=cpu_overrides,
         recipe_model=recipe.model["model_name_or_path"],
         fsdp_config=fsdp_cfg,
         min_workers=lo_world if lo_world < world else 0,
@@ -366,6 +393,8 @@ def describe(plan: Plan) -> str:
     ]
     if plan.tiny_overrides:
         lines.append("tiny          " + ", ".join(f"{k}={v}" for k, v in plan.tiny_overrides.items()))
+    if plan.cpu_overrides:
+        lines.append("cpu           " + ", ".join(f"{k}={v}" for k, v in plan.cpu_overrides.items()))
     if plan.deepspeed_config:
         lines.append("deepspeed     " + json.dumps(plan.deepspeed_config, indent=2).replace("\n", "\n              "))
     if plan.fsdp_config:

@@ -3,9 +3,10 @@
 The handbook tokenizes on rank 0 behind a barrier and raises `ddp_timeout` to survive it. Here the
 mixture is tokenized (and packed) by a pool of Ray Data actors across the cluster's CPUs, each running
 TRL's own `SFTTrainer._prepare_dataset` / `DPOTrainer._prepare_dataset` on its block, and written as
-Parquet shards to the run storage under a content-addressed key. Training workers only read those
-shards, so no collective ever waits on data, and a later run with the same data, tokenizer and settings
-reuses them. Rows TRL would crash on are dropped and counted per reason instead (or refused, `ray.strict_data`).
+Arrow shards to the run storage under a content-addressed key. The rows never pass through the driver:
+read tasks on the cluster's nodes read the source files (sources.py). Training workers memory-map the
+shards, so no collective ever waits on data, no process holds the dataset, and a later run with the same
+data, tokenizer and settings reuses them. Rows TRL would crash on are dropped and counted per reason instead (or refused, `ray.strict_data`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import sources, storage
 from .errors import RecipeError
 
-ROWS_PER_BLOCK = 1000  # TRL tokenizes and packs in batches of 1000 rows (datasets.map default); so do we, per block.
-FORMAT_VERSION = 2  # bump when the prepared layout changes, so old caches are not reused
+ROWS_PER_BLOCK = sources.ROWS_PER_BLOCK
+FORMAT_VERSION = 3  # bump when the prepared layout changes, so old caches are not reused
 
 # Config fields that change what preparation produces, per method.
 DATA_FIELDS = {
@@ -37,6 +39,7 @@ DATA_FIELDS = {
 OUTPUT_COLUMNS = {"sft": ("input_ids", "labels", "seq_lengths"), "dpo": ("prompt_ids", "chosen_ids", "rejected_ids")}
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 EXAMPLES_PER_REASON = 3
+SPLITS = {0: "train", 1: "test"}
 
 
 @dataclass
@@ -76,119 +79,6 @@ class Prepared:
             example = (self.drop_examples.get(reason) or [""])[0]
             lines.append(f"data dropped  {n:,} rows: {reason}" + (f"  e.g. {example}" if example else ""))
         return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------ sources
-
-
-def _is_local(source: str) -> bool:
-    return source.startswith(("/", "./", "../", "~")) or source.endswith((".json", ".jsonl", ".parquet", ".csv"))
-
-
-def check_sources(script: dict[str, Any]) -> None:
-    """Fail fast, before anything is written, on a local data path that does not exist."""
-    for entry in _entries(script):
-        src = entry["id"]
-        if _is_local(src) and not Path(src).expanduser().exists():
-            raise RecipeError(f"dataset '{src}' does not exist; fix the path in dataset_mixture (or dataset_name)")
-
-
-def _entries(script: dict[str, Any]) -> list[dict]:
-    mix = script.get("dataset_mixture")
-    if mix:
-        return mix["datasets"]
-    return [{"id": script["dataset_name"], "config": script.get("dataset_config"),
-             "split": script.get("dataset_train_split", "train"), "weight": None}]
-
-
-BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-def _first_bad_json_line(files: list[Path]) -> str | None:
-    """'file line N: reason' for the first line of a JSON Lines file that does not parse."""
-    for f in files:
-        if f.suffix != ".jsonl":
-            continue
-        with open(f, encoding="utf-8", errors="replace") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    json.loads(line)
-                except ValueError as e:
-                    return f"{f} line {n}: {e}"
-    return None
-
-
-def _load_one(entry: dict):
-    import datasets
-
-    src, split = entry["id"], entry.get("split") or "train"
-    p = Path(src).expanduser()
-    try:
-        if p.is_file():
-            builder = BUILDERS.get(p.suffix)
-            if builder is None:
-                raise RecipeError(f"dataset file '{src}' has an unknown type; use .jsonl, .json, .parquet or .csv")
-            return datasets.load_dataset(builder, data_files=str(p), split="train")
-        # A local directory or a Hub id: the handbook's own call.
-        return datasets.load_dataset(str(p) if p.is_dir() else src, entry.get("config"), split=split)
-    except RecipeError:
-        raise
-    except Exception as e:  # a malformed file: say which, and where
-        files = [p] if p.is_file() else sorted(p.rglob("*.jsonl")) if p.is_dir() else []
-        where = _first_bad_json_line(files)
-        if where:
-            raise RecipeError(f"dataset '{src}' is malformed at {where}; fix or remove that line") from None
-        raise RecipeError(f"dataset '{src}' could not be loaded ({str(e).splitlines()[0][:200]}); fix the id/path, "
-                          "config or split in dataset_mixture") from None
-
-
-def weighted(ds, weight: float | None, seed: int):
-    """The handbook's subsampling (shuffle with the mixture seed, keep int(len x weight) rows) for weight <= 1;
-    our extension for weight > 1: whole copies plus a seeded remainder, int(len x weight) rows in all."""
-    import datasets
-
-    if weight is None:
-        return ds
-    n = int(len(ds) * weight)
-    if weight <= 1:
-        return ds.shuffle(seed=seed).select(range(n))
-    copies = int(weight)
-    remainder = ds.shuffle(seed=seed).select(range(n - copies * len(ds)))
-    return datasets.concatenate_datasets([ds] * copies + [remainder])
-
-
-def load_mixture(script: dict[str, Any]):
-    """The handbook's `get_dataset` semantics: per entry select columns, shuffle(seed) and keep
-    int(len x weight) rows; concatenate; shuffle again; optional train/test split (fraction or count).
-    Returns (train, test or None, fingerprints of the loaded sources)."""
-    import datasets
-
-    mix = script.get("dataset_mixture") or {"datasets": _entries(script), "seed": 0}
-    seed = mix.get("seed", 0)
-    parts, sources = [], []
-    for entry in mix["datasets"]:
-        ds = _load_one(entry)
-        sources.append(ds._fingerprint)
-        if entry.get("columns"):
-            missing = [c for c in entry["columns"] if c not in ds.column_names]
-            if missing:
-                raise RecipeError(f"dataset '{entry['id']}' has no column(s) {missing}; it has {ds.column_names}; "
-                                  "fix 'columns' in dataset_mixture")
-            ds = ds.select_columns(entry["columns"])
-        parts.append(weighted(ds, entry.get("weight"), seed))
-    try:
-        combined = datasets.concatenate_datasets(parts).shuffle(seed=seed)
-    except ValueError as e:
-        raise RecipeError(f"the mixture's datasets have different columns ({str(e).splitlines()[0][:160]}); "
-                          "select the same 'columns' for every entry") from None
-    test = None
-    size = mix.get("test_split_size")
-    if size is not None:
-        split = combined.train_test_split(test_size=size, seed=seed)
-        combined, test = split["train"], split["test"]
-    return combined, test, sources
 
 
 # ------------------------------------------------------------------------------------------------ bad rows
@@ -253,12 +143,12 @@ class TokenizeActor:
     Per block: drop rows TRL would crash on (counted by reason), tokenize and build labels with TRL
     (no truncation yet), optionally drop over-long rows (`ray.long_samples: drop`), then let TRL truncate
     or pack them exactly as its trainer would. With `out_dir`, each block is written there as
-    `part-<block>.parquet` by the actor itself (no separate write tasks to start on a busy node) and only a
-    one-row summary goes back; without it (in-process use) the prepared rows are returned.
+    `<split>/part-<block>.arrow` by the actor itself (no separate write tasks to start on a busy node) and
+    only a one-row summary goes back; without it (in-process use) the prepared rows are returned.
     """
 
     def __init__(self, method: str, tokenizer_path: str, training: dict[str, Any], options: dict[str, Any],
-                 out_dir: str | None = None):
+                 out_dir: str | None = None, split_rows: dict[int, int] | None = None):
         import logging
         import types
         import warnings
@@ -272,7 +162,7 @@ class TokenizeActor:
         warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' field renames, once per actor
         datasets.disable_progress_bars()
         datasets.logging.set_verbosity_error()
-        self.method, self.options, self.out_dir = method, options, out_dir
+        self.method, self.options, self.out_dir, self.split_rows = method, options, out_dir, split_rows or {}
         self.local_stats = PrepareStats()
         self.tok = load_tokenizer(tokenizer_path, training)
         fields = {k: training[k] for k in DATA_FIELDS[method] if training.get(k) is not None}
@@ -319,15 +209,31 @@ class TokenizeActor:
         return len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
 
     def __call__(self, batch):
+        """Blocks from the Ray Data pipeline (`_row` JSON texts tagged with split, block and position, sorted by
+        block): each block tokenized and written, one summary row each. In-process: a table of raw rows."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if "_row" not in batch.column_names:
+            return self._block(batch)
+        summaries = []
+        keys = pc.add(pc.multiply(batch.column("_split").cast(pa.int64()), 1 << 40), batch.column("_block"))
+        for key in pc.unique(keys).to_pylist():
+            group = batch.filter(pc.equal(keys, key)).sort_by("_pos")
+            split, block = key >> 40, key & ((1 << 40) - 1)
+            expected = min(ROWS_PER_BLOCK, self.split_rows.get(split, 0) - block * ROWS_PER_BLOCK)
+            if group.num_rows != expected:  # Ray Data must never cut a block: its packing would differ from TRL's
+                raise RuntimeError(f"{SPLITS[split]} block {block} arrived with {group.num_rows} of {expected} rows")
+            summaries.append(self._block(_rows_table([json.loads(t) for t in group.column("_row").to_pylist()]),
+                                         split, block))
+        return pa.concat_tables(summaries)
+
+    def _block(self, batch, split: int | None = None, block: int | None = None):
         import datasets
         import pyarrow as pa
 
         drops: Counter = Counter()
         examples: dict[str, list[str]] = {}
-        block = None
-        if "_block" in batch.column_names:  # set by tokenize_split: this block's place in the order
-            block = batch.column("_block")[0].as_py()
-            batch = batch.drop_columns(["_block"])
 
         def drop(reason: str, row: dict | None) -> None:
             drops[reason] += 1
@@ -381,15 +287,31 @@ class TokenizeActor:
         if self.out_dir is None:  # called in-process (tests, notebooks): keep the counts here
             self.local_stats.add(len(rows), drops, examples, "local")
             return out
-        import pyarrow.parquet as pq
         import ray
 
-        fs, out_dir = storage_fs(self.out_dir)
-        pq.write_table(out, f"{out_dir}/part-{block:06d}.parquet", filesystem=fs)
+        write_shard(out, storage.join(self.out_dir, SPLITS[split], f"part-{block:06d}.arrow"))
         _, tokens, loss_tokens = _stats(out, self.method)
-        return pa.table({"rows": [len(rows)], "rows_out": [out.num_rows], "tokens": [tokens], "loss_tokens": [loss_tokens],
-                         "drops": [json.dumps(drops)],
-                         "examples": [json.dumps(examples)], "node": [ray.get_runtime_context().get_node_id()]})
+        return pa.table({"split": [split], "rows": [len(rows)], "rows_out": [out.num_rows], "tokens": [tokens],
+                         "loss_tokens": [loss_tokens], "drops": [json.dumps(drops)], "examples": [json.dumps(examples)],
+                         "node": [ray.get_runtime_context().get_node_id()]})
+
+
+def _rows_table(rows: list[dict]):
+    """Rows as one Arrow table; every column any row has (a row without it gets null, as in `datasets`)."""
+    import pyarrow as pa
+
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    return pa.table({k: pa.array([r.get(k) for r in rows]) for k in names})
+
+
+def write_shard(table, path: str) -> None:
+    """An Arrow IPC stream file, the format of the `datasets` cache: training workers memory-map it."""
+    import pyarrow as pa
+
+    fs, p = storage.filesystem(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(p) as f, pa.ipc.new_stream(f, table.schema) as writer:
+        writer.write_table(table)
 
 
 def _int32(table):
@@ -463,17 +385,17 @@ def _files_hash(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_spec(plan, sources: list[str], train_fingerprint: str) -> dict[str, Any]:
-    """Everything that determines the prepared bytes; its hash is the cache key."""
+def cache_spec(plan, fingerprints: list) -> dict[str, Any]:
+    """Everything that determines the prepared bytes; its hash is the cache key. The row order follows from the
+    mixture and the source files (path, size, modification time, rows), so no row is read to compute it."""
     import trl
 
-    mix = plan.script.get("dataset_mixture") or {"datasets": _entries(plan.script), "seed": 0}
+    mix = sources.mixture(plan.script)
     return {
         "method": plan.method,
         "mixture": {"datasets": [{k: e.get(k) for k in ("id", "config", "split", "columns", "weight")} for e in mix["datasets"]],
                     "seed": mix.get("seed", 0), "test_split_size": mix.get("test_split_size")},
-        "sources": sources,
-        "rows": train_fingerprint,
+        "sources": fingerprints,
         "tokenizer": {"files": _files_hash(plan.model["model_name_or_path"]), "revision": plan.model.get("model_revision")},
         "chat_template": plan.training.get("chat_template"),
         "fields": {k: plan.training.get(k) for k in DATA_FIELDS[plan.method]},
@@ -518,74 +440,78 @@ def _remove_abandoned(root: Path, log) -> None:
             pass
 
 
-def tokenize_split(ds, out_dir: str, method: str, tokenizer_path: str, training: dict[str, Any],
-                   options: dict[str, Any], log=print) -> dict:
-    """Run the Ray Data pipeline on one split, writing Parquet shards to `out_dir`; returns the counts.
-    Prints a progress line about every 10% (Ray Data's own bars are off: they flood non-tty logs)."""
+def tokenize(frags: list[dict], split_rows: dict[int, int], out_dir: str, method: str, tokenizer_path: str,
+             training: dict[str, Any], options: dict[str, Any], log=print) -> dict[int, dict]:
+    """Read the fragments' rows on the cluster (sources.read_rows), sort them into their 1000-row blocks, and run
+    a pool of TokenizeActors over the blocks, each writing its block's shard under `out_dir/<split>/`. Returns
+    the counts per split (0 train, 1 test). Prints a progress line about every 10% (Ray Data's bars flood logs)."""
     import logging
 
-    import pyarrow as pa
     import ray
 
     n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    n_blocks = -(-len(ds) // ROWS_PER_BLOCK)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled" notice
-    fs, path = storage_fs(out_dir)
-    fs.create_dir(path, recursive=True)
-    # Blocks of exactly ROWS_PER_BLOCK rows, numbered in order: the batches TRL's own datasets.map would pack.
-    table = ds.with_format("arrow")[:]
-    blocks = []
-    for b in range(n_blocks):
-        part = table.slice(b * ROWS_PER_BLOCK, ROWS_PER_BLOCK)
-        blocks.append(part.append_column("_block", pa.array([b] * part.num_rows, pa.int32())))
-    rd = ray.data.from_arrow(blocks).map_batches(
-        TokenizeActor,
-        fn_constructor_kwargs={"method": method, "tokenizer_path": tokenizer_path, "training": training,
-                               "options": options, "out_dir": out_dir},
-        batch_size=None,  # one block, one batch
-        batch_format="pyarrow",
-        # A fixed pool spread over the cluster's nodes, one actor per CPU (at most one per block).
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(n_cpus, n_blocks))),
-        num_cpus=1,
-    )
-    totals, t0, shown = PrepareStats(), time.time(), 0.0
-    for summary in rd.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for row in summary.to_pylist():
-            totals.add(row["rows"], json.loads(row["drops"]), json.loads(row["examples"]), row["node"],
-                       rows_out=row["rows_out"], tokens=row["tokens"], loss_tokens=row["loss_tokens"])
-        frac = totals.rows / max(len(ds), 1)
-        if frac - shown >= 0.1 and frac < 1:
-            shown = frac
-            rate = totals.rows / (time.time() - t0)
-            log(f"data          {frac:4.0%} {totals.rows:,}/{len(ds):,} rows  {rate:,.0f} rows/s  "
-                f"eta {(len(ds) - totals.rows) / rate:,.0f}s")
-    return totals.get()
+    n_rows = sum(split_rows.values())
+    n_blocks = sum(-(-n // sources.ROWS_PER_BLOCK) for n in split_rows.values())
+    totals, t0, shown = {0: PrepareStats(), 1: PrepareStats()}, time.time(), 0.0
+    try:
+        # Sorted through the object store (spilling to disk) and kept there, so the reads had every CPU and the
+        # actors below get every CPU: a fixed pool, one actor per CPU of the cluster, spread over its nodes.
+        blocks = sources.read_rows(frags).sort(["_split", "_block"]).materialize()
+        log(f"data          {n_rows:,} rows read by {len(frags)} read task(s) and sorted into {n_blocks} blocks in "
+            f"{time.time() - t0:.1f}s; tokenizing ...")
+        t0 = time.time()
+        rd = blocks.map_batches(
+            TokenizeActor,
+            fn_constructor_kwargs={"method": method, "tokenizer_path": tokenizer_path, "training": training,
+                                   "options": options, "out_dir": out_dir, "split_rows": split_rows},
+            batch_size=None,  # a whole sorted block: whole 1000-row groups (checked by the actor)
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(n_cpus, n_blocks))),
+            num_cpus=1,
+        )
+        for summary in rd.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in summary.to_pylist():
+                totals[row["split"]].add(row["rows"], json.loads(row["drops"]), json.loads(row["examples"]), row["node"],
+                                         rows_out=row["rows_out"], tokens=row["tokens"], loss_tokens=row["loss_tokens"])
+            done = totals[0].rows + totals[1].rows
+            frac = done / max(n_rows, 1)
+            if frac - shown >= 0.1 and frac < 1:
+                shown = frac
+                rate = done / (time.time() - t0)
+                log(f"data          {frac:4.0%} {done:,}/{n_rows:,} rows  {rate:,.0f} rows/s  eta {(n_rows - done) / rate:,.0f}s")
+    except Exception as e:
+        raise _read_error(e) or e
+    return {split: stats.get() for split, stats in totals.items()}
 
 
-def storage_fs(path: str):
-    """(pyarrow filesystem, path in it) for a local path or a URI (s3://, gs://, file://): the prepared cache
-    lives in the run storage, which on a cluster without a shared folder is an object store."""
-    import pyarrow.fs
-
-    if "://" in path:
-        return pyarrow.fs.FileSystem.from_uri(path)
-    return pyarrow.fs.LocalFileSystem(), path
+def _read_error(e: BaseException) -> RecipeError | None:
+    """A source file that failed in a read task (wrapped by Ray), as the one-line error naming it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, sources.SourceReadError):
+            return RecipeError(f"{str(e).splitlines()[0]}; download it again or remove it from the dataset")
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
 
 
 def prepare(plan, log=print) -> Prepared:
-    """Mixture -> Ray Data actors (TRL tokenization + packing) -> Parquet shards at a content key.
+    """Mixture -> Ray Data (read tasks, block grouping, TokenizeActors running TRL) -> Arrow shards at a content key.
 
     Nothing half-written is ever read: in a local or shared folder the shards go to a temp folder renamed
     to the key when complete; in an object store (no rename) to `<key>/attempt-<id>/`, committed by writing
     `<key>/manifest.json` (one object, written whole) last."""
-    check_sources(plan.script)
-    train, test, sources = load_mixture(plan.script)
-    spec = cache_spec(plan, sources, train._fingerprint)
+    sources.check_local(plan.script)
+    mix = sources.mixture(plan.script)
+    srcs = sources.resolve(mix["datasets"])
+    order = sources.mixture_order(srcs, mix)
+    spec = cache_spec(plan, [s.fingerprint() for s in srcs])
     key = cache_key(spec)
-    if "://" in plan.storage_path:
-        return _prepare_in_object_store(plan, train, test, spec, key, log)
+    if storage.is_remote(plan.storage_path):
+        return _prepare_in_object_store(plan, srcs, order, spec, key, log)
     root = Path(plan.storage_path) / "prepared"
     final = root / key
     manifest = final / "manifest.json"
@@ -599,7 +525,7 @@ def prepare(plan, log=print) -> Prepared:
     tmp.mkdir(parents=True)
     (tmp / "owner.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
     try:
-        prepared = _tokenize(plan, train, test, spec, key, str(tmp), str(final), log)
+        prepared = _tokenize(plan, srcs, order, spec, key, str(tmp), str(final), log)
         (tmp / "owner.json").unlink()
         (tmp / "manifest.json").write_text(json.dumps(asdict(prepared), indent=2))
         try:
@@ -614,33 +540,22 @@ def prepare(plan, log=print) -> Prepared:
     return prepared
 
 
-def _prepare_in_object_store(plan, train, test, spec, key, log) -> Prepared:
-    import pyarrow.fs
-
-    base = f"{plan.storage_path.rstrip('/')}/prepared/{key}"
-    fs, base_path = storage_fs(base)
-    manifest = f"{base_path}/manifest.json"
-
-    def committed() -> str | None:
-        if fs.get_file_info(manifest).type == pyarrow.fs.FileType.NotFound:
-            return None
-        with fs.open_input_stream(manifest) as f:
-            return f.read().decode()
-
-    if (text := committed()) is not None:
+def _prepare_in_object_store(plan, srcs, order, spec, key, log) -> Prepared:
+    base = storage.join(plan.storage_path, "prepared", key)
+    manifest = storage.join(base, "manifest.json")
+    if (text := storage.read_text(manifest)) is not None:
         return _reuse(text, log)
-    attempt = f"attempt-{uuid.uuid4().hex[:8]}"
+    attempt = storage.join(base, f"attempt-{uuid.uuid4().hex[:8]}")
     done = False
     try:
-        prepared = _tokenize(plan, train, test, spec, key, f"{base}/{attempt}", f"{base}/{attempt}", log)
-        if (text := committed()) is not None:  # a concurrent preparation of the same key finished first
+        prepared = _tokenize(plan, srcs, order, spec, key, attempt, attempt, log)
+        if (text := storage.read_text(manifest)) is not None:  # a concurrent preparation of the same key finished first
             return _reuse(text, log)
-        with fs.open_output_stream(manifest) as f:
-            f.write(json.dumps(asdict(prepared), indent=2).encode())
+        storage.write_text(manifest, json.dumps(asdict(prepared), indent=2))
         done = True
     finally:  # a failed attempt removes its shards; one killed outright leaves a folder no manifest names
-        if not done and fs.get_file_info(f"{base_path}/{attempt}").type != pyarrow.fs.FileType.NotFound:
-            fs.delete_dir(f"{base_path}/{attempt}")
+        if not done:
+            storage.delete_dir(attempt)
     log(prepared.render())
     return prepared
 
@@ -652,13 +567,17 @@ def _reuse(manifest_text: str, log) -> Prepared:
     return prepared
 
 
-def _tokenize(plan, train, test, spec, key, out: str, final: str, log) -> Prepared:
+def _tokenize(plan, srcs, order, spec, key, out: str, final: str, log) -> Prepared:
     """Both splits through the Ray Data pipeline into `out`; the returned paths point at `final`, where the
     shards will be once committed."""
     t0 = time.time()
     tokenizer_path = plan.model["model_name_or_path"]
-    log(f"data          tokenizing {len(train):,} rows with Ray Data ({plan.method.upper()}, TRL {spec['trl']}) ...")
-    stats = tokenize_split(train, f"{out}/train", plan.method, tokenizer_path, plan.training, plan.data, log)
+    n_test = 0 if order.test is None else len(order.test)
+    log(f"data          tokenizing {len(order.train):,} rows with Ray Data ({plan.method.upper()}, TRL {spec['trl']}) "
+        f"from {sum(len(s.files) for s in srcs)} file(s) ...")
+    by_split = tokenize(sources.fragments(srcs, order), {0: len(order.train), 1: n_test}, out, plan.method,
+                        tokenizer_path, plan.training, plan.data, log)
+    stats = by_split[0]
     rows_out, tokens, loss_tokens = stats["rows_out"], stats["tokens"], stats["loss_tokens"]
     if rows_out == 0:
         top = max(stats["drops"], key=stats["drops"].get) if stats["drops"] else None
@@ -671,27 +590,41 @@ def _tokenize(plan, train, test, spec, key, out: str, final: str, log) -> Prepar
             f"e.g. {stats['examples'].get(reason, [''])[0]}; fix the data or unset ray.strict_data to drop them"
         )
     packing = plan.method == "sft" and plan.training.get("packing")
-    eval_path = None
-    if test is not None:
-        tokenize_split(test, f"{out}/test", plan.method, tokenizer_path, plan.training, plan.data, lambda _: None)
-        eval_path = f"{final}/test"
     return Prepared(
-        path=f"{final}/train", key=key, method=plan.method, rows_in=len(train), rows_out=rows_out,
+        path=storage.join(final, "train"), key=key, method=plan.method, rows_in=len(order.train), rows_out=rows_out,
         tokens=tokens, loss_tokens=loss_tokens,
         fill_ratio=round(tokens / (rows_out * plan.training["max_length"]), 6) if packing else None,
         seconds=round(time.time() - t0, 2), drops=stats["drops"], drop_examples=stats["examples"],
-        nodes=len(stats["nodes"]), eval_path=eval_path, spec=spec, finished_at=time.strftime("%H:%M:%S"),
+        nodes=len(set(stats["nodes"]) | set(by_split[1]["nodes"])),
+        eval_path=storage.join(final, "test") if n_test else None, spec=spec, finished_at=time.strftime("%H:%M:%S"),
     )
 
 
 def read_prepared(path: str):
-    """The prepared shards as a map-style `datasets.Dataset` (what the Trainer's sampler expects)."""
+    """The prepared shards as a map-style `datasets.Dataset`, memory-mapped: a worker's memory holds only the
+    pages it reads, whatever the dataset's size. Shards in an object store are first copied to this node's disk,
+    once per node (the first process to take the lock copies, the others wait for it)."""
     import datasets
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    import pyarrow.fs
+    if storage.is_remote(path):
+        path = _node_local_copy(path)
+    files = [f for f in storage.list_files(path, recursive=False) if f.endswith(".arrow")]
+    if not files:
+        raise RecipeError(f"prepared data at {path} has no shards; delete that cache folder and prepare again")
+    return datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in files])
 
-    fs, root = storage_fs(path)
-    files = sorted(f.path for f in fs.get_file_info(pyarrow.fs.FileSelector(root)) if f.path.endswith(".parquet"))
-    return datasets.Dataset(pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files]))
+
+def _node_local_copy(path: str) -> str:
+    import tempfile
+
+    from filelock import FileLock
+
+    local = Path(tempfile.gettempdir()) / "raytrain_align" / "prepared" / hashlib.sha256(path.encode()).hexdigest()[:20]
+    done = local / ".complete"
+    local.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(local) + ".lock"):
+        if not done.exists():
+            for f in storage.list_files(path, recursive=False):
+                storage.copy_to_local(f, str(local / f.rsplit("/", 1)[-1]))
+            done.write_text("ok\n")
+    return str(local)

@@ -45,6 +45,7 @@ RAY_FIELDS: dict[str, Any] = {
     "strict_data": bool,  # bad rows are an error instead of being dropped and counted
     "long_samples": str,  # "truncate" (TRL's behaviour) or "drop" rows longer than max_length
     "checkpoint_upload": str,  # "sync" (training waits for the commit) or "async" (uploads in the background)
+    "use_gpu": bool,  # false: CPU workers over gloo (what --cpu does), e.g. to try a recipe and its data on a laptop
 }
 
 # Fields current TRL/transformers renamed: translated with one warning line each, never dropped.

@@ -91,14 +91,14 @@ TINY_MAX_COPIES = 2.0  # synthetic rows per run: at most 2 x a task file (1,200 
 def tiny_script(recipe, assets: Path) -> dict[str, Any]:
     """The recipe's mixture with each Hub entry pointed at a local synthetic file (weights and columns kept);
     entries that already are local files stay, so --tiny runs a user's own data on the tiny model."""
-    from .prepare import _is_local
+    from .sources import is_local
 
     mix = recipe.script.get("dataset_mixture")
     entries = mix["datasets"] if mix else [{"id": recipe.script.get("dataset_name"), "weight": 1.0}]
     tasks = ["preferences"] if recipe.method == "dpo" else ["addition", "capitals"]
     datasets_ = []
     for i, e in enumerate(entries):
-        if _is_local(e["id"]):
+        if is_local(e["id"]):
             datasets_.append(dict(e))
             continue
         columns = e.get("columns")
@@ -110,7 +110,7 @@ def tiny_script(recipe, assets: Path) -> dict[str, Any]:
             {"id": str(assets / "data" / f"{tasks[i % len(tasks)]}.jsonl"), "split": "train",
              "columns": columns, "weight": e.get("weight", 1.0)}
         )
-    synthetic = [d for d, e in zip(datasets_, entries) if not _is_local(e["id"])]
+    synthetic = [d for d, e in zip(datasets_, entries) if not is_local(e["id"])]
     total = sum(d["weight"] or 1.0 for d in synthetic)
     if total > TINY_MAX_COPIES:  # e.g. the 25-split multi-task mixture: keep its proportions, not its size
         for d in synthetic:

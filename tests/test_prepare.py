@@ -10,10 +10,11 @@ import datasets
 import pyarrow as pa
 import pytest
 
-from raytrain_align import prepare, tiny
+from raytrain_align import prepare, sources, tiny
 from raytrain_align.errors import RecipeError
 
 from . import prep_data
+from .test_sources import rows_in_order
 
 SMOL = "HuggingFaceTB/SmolLM3-3B"
 
@@ -226,28 +227,34 @@ def three_sets(tmp_path):
             for name in ("a", "b", "c")]
 
 
+def _mixture(mix):
+    srcs = sources.resolve(mix["datasets"])
+    train, test = rows_in_order(srcs, sources.mixture_order(srcs, mix))
+    return train, (test if mix.get("test_split_size") is not None else None)
+
+
 def test_mixture_handbook_arithmetic(three_sets):
     mix = {"datasets": [{"id": p, "split": "train", "weight": w} for p, w in zip(three_sets, (0.5, 0.3, 0.2))],
            "seed": 42, "test_split_size": 0.1}
-    train, test, sources = prepare.load_mixture({"dataset_mixture": mix})
-    assert (len(train), len(test), len(sources)) == (90, 10, 3)
-    contents = [m[0]["content"] for m in list(train["messages"]) + list(test["messages"])]
+    train, test = _mixture(mix)
+    assert (len(train), len(test)) == (90, 10)
+    contents = [r["messages"][0]["content"] for r in train + test]
     assert [sum(c.startswith(n + " ") for c in contents) for n in "abc"] == [50, 30, 20]
     # Each entry's rows are the handbook's: shuffle(seed) then the first int(len x weight).
     a = datasets.load_dataset("json", data_files=three_sets[0], split="train").shuffle(seed=42).select(range(50))
     assert sorted(m[0]["content"] for m in list(a["messages"])) == sorted(c for c in contents if c.startswith("a "))
     mix["test_split_size"] = 7  # an absolute count
-    train, test, _ = prepare.load_mixture({"dataset_mixture": mix})
+    train, test = _mixture(mix)
     assert (len(train), len(test)) == (93, 7)
 
 
 def test_mixture_upsampling(three_sets):
     mix = {"datasets": [{"id": three_sets[0], "weight": 2.5}, {"id": three_sets[1], "weight": 1.0}], "seed": 3}
-    train, test, _ = prepare.load_mixture({"dataset_mixture": mix})
+    train, test = _mixture(mix)
     assert test is None and len(train) == 350
     counts = {}
-    for m in list(train["messages"]):
-        counts[m[0]["content"]] = counts.get(m[0]["content"], 0) + 1
+    for r in train:
+        counts[r["messages"][0]["content"]] = counts.get(r["messages"][0]["content"], 0) + 1
     a_counts = sorted(v for k, v in counts.items() if k.startswith("a "))
     assert len(a_counts) == 100 and a_counts[0] == 2 and a_counts.count(3) == 50
     assert all(v == 1 for k, v in counts.items() if k.startswith("b "))
@@ -256,10 +263,10 @@ def test_mixture_upsampling(three_sets):
 def test_mixture_bad_inputs(tmp_path, three_sets):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"messages": []}\n{"messages": [}\n')
-    with pytest.raises(RecipeError, match=r"broken.jsonl line 2"):
-        prepare.load_mixture({"dataset_mixture": {"datasets": [{"id": str(broken)}]}})
+    with pytest.raises(RecipeError, match=r"broken.jsonl is malformed at line 2"):
+        sources.resolve([{"id": str(broken)}])
     with pytest.raises(RecipeError, match=r"no column\(s\) \['chosen'\].*fix 'columns'"):
-        prepare.load_mixture({"dataset_mixture": {"datasets": [{"id": three_sets[0], "columns": ["chosen"]}]}})
+        sources.resolve([{"id": three_sets[0], "columns": ["chosen"]}])
 
 
 def test_cache_key(tmp_path):
@@ -268,7 +275,7 @@ def test_cache_key(tmp_path):
 
     def key(**overrides):
         plan = build_plan(load_recipe("sft_mid", overrides=overrides), tiny=True, storage=str(tmp_path))
-        return prepare.cache_key(prepare.cache_spec(plan, ["src-fingerprint"], "rows-fingerprint"))
+        return prepare.cache_key(prepare.cache_spec(plan, ["src-fingerprint"]))
 
     base = key()
     assert key() == base  # deterministic
@@ -276,5 +283,5 @@ def test_cache_key(tmp_path):
     assert key(max_length=256) != base
     assert key(learning_rate=0.5) == base  # optimizer settings do not change the data
     plan = build_plan(load_recipe("sft_mid"), tiny=True, storage=str(tmp_path))
-    other = prepare.cache_spec(plan, ["another-source"], "rows-fingerprint")
+    other = prepare.cache_spec(plan, ["another-source"])
     assert prepare.cache_key(other) != base

@@ -13,13 +13,16 @@ import time
 import datasets
 import pytest
 
-from raytrain_align import prepare, tiny
+from raytrain_align import prepare, sources, tiny
 
 from . import prep_data
 from .conftest import REPO, run_cli
 from .test_prepare import SMOL, trl_prepared
 
 pytestmark = pytest.mark.slow
+
+READ_TASK = "MapBatches(read_fragment)"  # Ray Data names a task after its operator
+TOKENIZE_ACTOR = "MapWorker(MapBatches(TokenizeActor))"
 
 
 @pytest.fixture(scope="module")
@@ -37,30 +40,51 @@ def ray_client(two_nodes):
         os.environ.pop("RAY_ADDRESS", None)
 
 
-def test_ray_data_pipeline_equals_trl(ray_client, tmp_path):
-    """2,500 awkward rows packed across Ray Data blocks on 2 nodes == what TRL's SFTTrainer prepares
-    from the same rows in one process; the same for DPO pairs."""
+def _prepare_rows(rows, out, method, tok_dir, training, tmp_path):
+    """`rows` as a parquet file of several row groups, read by Ray Data read tasks in their own order and
+    tokenized by the actor pool; returns the train split's counts."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / f"{method}.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=300)
+    srcs = sources.resolve([{"id": str(path)}])
+    order = sources.Order(np.arange(len(rows)), None, [0])
+    return prepare.tokenize(sources.fragments(srcs, order), {0: len(rows)}, str(out), method, tok_dir, training, {},
+                            log=lambda _: None)[0]
+
+
+def test_ray_data_pipeline_equals_trl(ray_client, tmp_path, monkeypatch):
+    """2,500 awkward rows read by read tasks and packed across Ray Data blocks on 2 nodes == what TRL's
+    SFTTrainer prepares from the same rows in one process; the same for DPO pairs. Ray's own task and actor
+    records show read tasks and tokenize actors on both nodes."""
+    from ray.util import state
     from transformers import AutoModelForCausalLM
 
+    monkeypatch.setattr(sources, "FRAGMENT_BYTES", 1)  # a read task per row group: 9 of them
     assets = tiny.materialize(tmp_path / "assets", SMOL)
     tok_dir = str(tiny.model_dir(assets, SMOL))
     model = AutoModelForCausalLM.from_pretrained(tok_dir)
 
     rows = prep_data.tricky_messages(2500)
     training = {"chat_template": prep_data.THINK_TEMPLATE, "assistant_only_loss": True, "packing": True, "max_length": 256}
-    stats = prepare.tokenize_split(datasets.Dataset.from_list(rows), str(tmp_path / "sft"), "sft", tok_dir, training, {},
-                                   log=lambda _: None)
+    stats = _prepare_rows(rows, tmp_path / "sft", "sft", tok_dir, training, tmp_path)
     assert stats["rows"] == 2500 and not stats["drops"]
-    ours = prepare.read_prepared(str(tmp_path / "sft"))
+    ours = prepare.read_prepared(str(tmp_path / "sft" / "train"))
     theirs = trl_prepared("sft", rows, tok_dir, model, tmp_path, training)
     for col in ("input_ids", "labels", "seq_lengths"):
         assert ours[col] == theirs[col], col
+    nodes = {n.node_id for n in state.list_nodes()}
+    read_nodes = {t.node_id for t in state.list_tasks(filters=[("name", "=", READ_TASK)], limit=10_000, detail=True)
+                  if t.node_id}
+    actor_nodes = {a.node_id for a in state.list_actors(filters=[("class_name", "=", TOKENIZE_ACTOR)], limit=10_000, detail=True)}
+    assert len(nodes) == 2 and read_nodes == nodes and actor_nodes == nodes, (read_nodes, actor_nodes)
 
     pairs = prep_data.preferences(300)
     training = {"chat_template": prep_data.THINK_TEMPLATE, "max_length": 64}
-    prepare.tokenize_split(datasets.Dataset.from_list(pairs), str(tmp_path / "dpo"), "dpo", tok_dir, training, {},
-                           log=lambda _: None)
-    ours = prepare.read_prepared(str(tmp_path / "dpo"))
+    _prepare_rows(pairs, tmp_path / "dpo", "dpo", tok_dir, training, tmp_path)
+    ours = prepare.read_prepared(str(tmp_path / "dpo" / "train"))
     theirs = trl_prepared("dpo", pairs, tok_dir, model, tmp_path, training)
     assert len(ours) == len(theirs) < 300
     for col in ("prompt_ids", "chosen_ids", "rejected_ids"):

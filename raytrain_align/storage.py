@@ -1,0 +1,112 @@
+"""Storage access in one place: local paths, shared folders and any URI pyarrow opens (s3://, gs://, file://),
+plus the Hub's `hf://` through huggingface_hub's fsspec filesystem. Whole-file writes are atomic everywhere."""
+
+from __future__ import annotations
+
+import uuid
+
+
+def filesystem(path: str):
+    """(pyarrow filesystem, path inside it) for a local path or a URI."""
+    import pyarrow.fs
+
+    if path.startswith("hf://"):
+        from huggingface_hub import HfFileSystem
+
+        return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(HfFileSystem())), path[len("hf://"):]
+    if "://" in path:
+        return pyarrow.fs.FileSystem.from_uri(path)
+    from pathlib import Path
+
+    return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser())
+
+
+def is_remote(path: str) -> bool:
+    """A URI (object stores, the Hub, file://): written without renames, read through a node-local copy."""
+    return "://" in path
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def info(path: str):
+    fs, p = filesystem(path)
+    return fs.get_file_info(p)
+
+
+def exists(path: str) -> bool:
+    import pyarrow.fs
+
+    return info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def is_dir(path: str) -> bool:
+    import pyarrow.fs
+
+    return info(path).type == pyarrow.fs.FileType.Directory
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """A whole file: temp name + rename on filesystems, one object put on object stores (atomic either way)."""
+    fs, p = filesystem(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    tmp = p if is_remote(path) else f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    if tmp != p:
+        fs.move(tmp, p)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def read_text(path: str) -> str | None:
+    """The file's text, or None if there is no such file."""
+    import pyarrow.fs
+
+    fs, p = filesystem(path)
+    if fs.get_file_info(p).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(p) as f:
+        return f.read().decode()
+
+
+def list_files(folder: str, recursive: bool = True) -> list[str]:
+    """Files under `folder` (same form as `folder`: path or URI), sorted; temp files of unfinished writes left out."""
+    import pyarrow.fs
+
+    fs, p = filesystem(folder)
+    if fs.get_file_info(p).type != pyarrow.fs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(p, recursive=recursive))
+    return sorted(join(folder, i.path[len(p):].lstrip("/")) for i in infos
+                  if i.type == pyarrow.fs.FileType.File and ".tmp-" not in i.base_name)
+
+
+def list_dirs(folder: str) -> list[str]:
+    """Names of the folders directly under `folder`."""
+    import pyarrow.fs
+
+    fs, p = filesystem(folder)
+    sel = pyarrow.fs.FileSelector(p, allow_not_found=True)
+    return sorted(i.base_name for i in fs.get_file_info(sel) if i.type == pyarrow.fs.FileType.Directory)
+
+
+def delete_dir(path: str) -> None:
+    fs, p = filesystem(path)
+    if exists(path):
+        fs.delete_dir(p)
+
+
+def copy_to_local(src: str, dest: str, chunk: int = 64 << 20) -> None:
+    """Stream one file to a local path in chunks (never whole in memory), renamed into place when complete."""
+    import os
+
+    fs, p = filesystem(src)
+    tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_input_stream(p) as fin, open(tmp, "wb") as fout:
+        while block := fin.read(chunk):
+            fout.write(block)
+    os.replace(tmp, dest)

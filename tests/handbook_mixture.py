@@ -1,0 +1,42 @@
+"""The reference for the mixture order: the handbook's `get_dataset` done with `datasets` on one process
+(load, select columns, shuffle(seed) + keep int(len x weight), concatenate, shuffle(seed), train_test_split),
+the path raytrain_align replaced with row counts and Ray Data read tasks."""
+
+import datasets
+
+
+def load(entry: dict):
+    src, config, split = entry["id"], entry.get("config"), entry.get("split") or "train"
+    if src.endswith((".jsonl", ".json")):
+        return datasets.load_dataset("json", data_files=src, split="train")
+    if src.endswith(".parquet"):
+        return datasets.load_dataset("parquet", data_files=src, split="train")
+    # a folder laid out as the Hub serves a dataset: data/<config>/<split>-*.parquet
+    return datasets.load_dataset("parquet", data_files={split: f"{src}/data/{config}/{split}-*.parquet"}, split=split)
+
+
+def weighted(ds, weight, seed):
+    if weight is None:
+        return ds
+    n = int(len(ds) * weight)
+    if weight <= 1:
+        return ds.shuffle(seed=seed).select(range(n))
+    copies = int(weight)
+    remainder = ds.shuffle(seed=seed).select(range(n - copies * len(ds)))
+    return datasets.concatenate_datasets([ds] * copies + [remainder])
+
+
+def mixture(mix: dict):
+    """(train, test or None) as `datasets.Dataset`s."""
+    seed = mix.get("seed", 0)
+    parts = []
+    for entry in mix["datasets"]:
+        ds = load(entry)
+        if entry.get("columns"):
+            ds = ds.select_columns(entry["columns"])
+        parts.append(weighted(ds, entry.get("weight"), seed))
+    combined = datasets.concatenate_datasets(parts).shuffle(seed=seed)
+    if mix.get("test_split_size") is None:
+        return combined, None
+    split = combined.train_test_split(test_size=mix["test_split_size"], seed=seed)
+    return split["train"], split["test"]
