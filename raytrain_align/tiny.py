@@ -188,6 +188,37 @@ def generate_data(out: Path, n_train: int = 600, n_eval: int = 60, seed: int = 1
             f.write(json.dumps({"messages": _capital(c, caps[c], rng, True)}) + "\n")
 
 
+def _reasoning(a: int, b: int, steps: int, rng: random.Random) -> list[dict]:
+    """A long worked answer in a thinking block, the shape of smoltalk2's Mid rows (a question, a long trace)."""
+    lines, total = [], a
+    for k in range(steps):
+        c = rng.randrange(10, 100)
+        lines.append(f"Step {k + 1}: {total} + {c} = {total + c}.")
+        total += c
+    answer = f"<think>\nStart from {a} and keep adding.\n" + "\n".join(lines) + f"\n</think>\nThe total is {total}."
+    return [{"role": "user", "content": f"Start at {a}, add {steps} numbers of your choice (seed {b}), and show each step."},
+            {"role": "assistant", "content": answer}]
+
+
+def write_hub_chats(root: Path, splits: dict[str, int], config: str = "Mid", files_per_split: int = 4,
+                    steps: int = 100, seed: int = 0) -> Path:
+    """Generated long-reasoning chats in smoltalk2's schema (`messages`, `source`), laid out as the Hub serves a
+    dataset: data/<config>/<split>-0000i-of-0000n.parquet, written file by file (never whole in memory)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(seed)
+    for split, n in splits.items():
+        per = -(-n // files_per_split)
+        for k in range(files_per_split):
+            rows = [{"messages": _reasoning(rng.randrange(100, 1000), rng.randrange(1000), steps, rng), "source": split}
+                    for _ in range(min(per, n - k * per))]
+            path = root / "data" / config / f"{split}-{k:05d}-of-{files_per_split:05d}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=200)
+    return root
+
+
 def build_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
