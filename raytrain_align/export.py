@@ -90,15 +90,15 @@ def plot_losses(log_history: list[dict], path: Path, title: str) -> str | None:
 
 def final_checkpoint(plan):
     """The run's exported model in storage if this run (same storage + run name) already finished, else None."""
-    import pyarrow.fs
-
     from ray.train import Checkpoint
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(plan.storage_path)
-    path = f"{root}/{plan.run_name}/{FINAL_DIR}"
-    if fs.get_file_info(f"{path}/raytrain_align_run.json").type == pyarrow.fs.FileType.NotFound:
+    from . import storage
+
+    path = storage.join(plan.storage_path, plan.run_name, FINAL_DIR)
+    if not storage.exists(storage.join(path, "raytrain_align_run.json")):
         return None
-    return Checkpoint(path, filesystem=fs)
+    fs, inner = storage.filesystem(path)
+    return Checkpoint(inner, filesystem=fs)
 
 
 def summarize(plan, checkpoint) -> RunSummary:

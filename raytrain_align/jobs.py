@@ -27,6 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
+from . import storage as store
 from .errors import RecipeError
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -204,28 +205,13 @@ def history(address: str | None = None) -> "pd.DataFrame":  # noqa: F821
 # --------------------------------------------------------------------------------------------- storage
 
 
-def _fs(storage: str):
-    import pyarrow.fs
-
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
-    return pyarrow.fs.FileSystem.from_uri(storage)
+def _root(storage: str) -> str:
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
-def _read_json(fs, path: str):
-    import pyarrow.fs
-
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read())
-
-
-def _dirs(fs, path: str) -> list[str]:
-    import pyarrow.fs
-
-    sel = pyarrow.fs.FileSelector(path, allow_not_found=True)
-    return sorted(i.base_name for i in fs.get_file_info(sel) if i.type == pyarrow.fs.FileType.Directory)
+def _read_json(path: str):
+    text = store.read_text(path)
+    return None if text is None else json.loads(text)
 
 
 def checkpoints(storage: str, run: str) -> "pd.DataFrame":  # noqa: F821
@@ -233,11 +219,11 @@ def checkpoints(storage: str, run: str) -> "pd.DataFrame":  # noqa: F821
     (a folder that is not committed was cut off mid-upload and is never resumed from)."""
     import pandas as pd
 
-    fs, root = _fs(storage)
-    snap = _read_json(fs, f"{root}/{run}/checkpoint_manager_snapshot.json") or {}
+    root = _root(storage)
+    snap = _read_json(f"{root}/{run}/checkpoint_manager_snapshot.json") or {}
     committed = {r["checkpoint_dir_name"]: r["metrics"] for r in snap.get("checkpoint_results", [])}
     rows = []
-    for name in _dirs(fs, f"{root}/{run}"):
+    for name in store.list_dirs(f"{root}/{run}"):
         if not name.startswith(("checkpoint-", "final_model")):
             continue
         step = committed.get(name, {}).get("step")
@@ -248,17 +234,17 @@ def checkpoints(storage: str, run: str) -> "pd.DataFrame":  # noqa: F821
     return pd.DataFrame(rows, columns=["name", "path", "step", "committed", "final"])
 
 
-def _run_record(fs, root: str, run: str) -> dict | None:
+def _run_record(root: str, run: str) -> dict | None:
     """What the run left: the final export's raytrain_align_run.json, else the latest committed HF checkpoint's
     trainer_state.json (a run still going, or stopped)."""
-    final = _read_json(fs, f"{root}/{run}/final_model/raytrain_align_run.json")
+    final = _read_json(f"{root}/{run}/final_model/raytrain_align_run.json")
     if final is not None:
         return {"finished": True, "log_history": final["log_history"], "metrics": final["metrics"],
                 "world_size": final.get("world_size"), "prepared": final.get("prepared", {}).get("key"),
                 "path": f"{root}/{run}/final_model"}
-    snap = _read_json(fs, f"{root}/{run}/checkpoint_manager_snapshot.json") or {}
+    snap = _read_json(f"{root}/{run}/checkpoint_manager_snapshot.json") or {}
     latest = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-    state = _read_json(fs, f"{root}/{run}/{latest}/trainer_state.json") if latest else None
+    state = _read_json(f"{root}/{run}/{latest}/trainer_state.json") if latest else None
     if state is None:
         return None
     return {"finished": False, "log_history": state["log_history"], "metrics": {"step": state["global_step"]},
@@ -268,8 +254,7 @@ def _run_record(fs, root: str, run: str) -> dict | None:
 def run_record(storage: str, run: str) -> dict:
     """finished, metrics, log_history, world_size, prepared (its cache key) and path (the exported model, or the
     latest committed checkpoint: both hold the tokenizer)."""
-    fs, root = _fs(storage)
-    rec = _run_record(fs, root, run)
+    rec = _run_record(_root(storage), run)
     if rec is None:
         raise JobsError(f"no run '{run}' with a committed checkpoint in {storage}; list them with jobs.runs('{storage}')")
     return rec
@@ -287,10 +272,10 @@ def runs(storage: str) -> "pd.DataFrame":  # noqa: F821
     """One row per run in the storage: finished or not, steps, final loss, tokens, tokens/s, latest checkpoint."""
     import pandas as pd
 
-    fs, root = _fs(storage)
+    root = _root(storage)
     rows = []
-    for run in _dirs(fs, root):
-        rec = _run_record(fs, root, run)
+    for run in store.list_dirs(root):
+        rec = _run_record(root, run)
         if rec is None:
             continue
         m, losses = rec["metrics"], [e["loss"] for e in rec["log_history"] if "loss" in e]
@@ -318,21 +303,28 @@ def prepared(storage: str) -> "pd.DataFrame":  # noqa: F821
     """The prepared-data cache entries (`<storage>/prepared/<key>/manifest.json`), one row per key."""
     import pandas as pd
 
-    fs, root = _fs(storage)
+    root = _root(storage)
     rows = []
-    for key in _dirs(fs, f"{root}/prepared"):
-        if (m := _read_json(fs, f"{root}/prepared/{key}/manifest.json")) is not None:
+    for key in store.list_dirs(f"{root}/prepared"):
+        if (m := _read_json(f"{root}/prepared/{key}/manifest.json")) is not None:
             rows.append({**{k: v for k, v in m.items() if k not in ("spec", "drop_examples")},
                          "max_length": (m.get("spec") or {}).get("fields", {}).get("max_length")})
     return pd.DataFrame(rows)
 
 
-def load_prepared(storage: str, key: str, split: str = "train") -> "pd.DataFrame":  # noqa: F821
-    """One prepared split as a DataFrame (input_ids, labels, seq_lengths for SFT; *_ids for DPO)."""
-    import pyarrow.dataset as ds
+def load_prepared(storage: str, key: str, split: str = "train", rows: int = 10_000) -> "pd.DataFrame":  # noqa: F821
+    """The first `rows` rows of one prepared split as a DataFrame (input_ids, labels, seq_lengths for SFT; *_ids
+    for DPO), read from the memory-mapped shards: a sample to look at, never the whole split in memory."""
+    from .prepare import read_prepared
 
-    fs, root = _fs(storage)
-    return ds.dataset(f"{root}/prepared/{key}/{split}", filesystem=fs, format="parquet").to_table().to_pandas()
+    manifest = _read_json(f"{_root(storage)}/prepared/{key}/manifest.json")
+    if manifest is None:
+        raise JobsError(f"no prepared data '{key}' in {storage}; list them with jobs.prepared('{storage}')")
+    path = manifest["path"] if split == "train" else manifest.get("eval_path")
+    if path is None:
+        raise JobsError(f"prepared data '{key}' has no '{split}' split")
+    data = read_prepared(path)
+    return data.select(range(min(rows, len(data)))).to_pandas()
 
 
 def _same_storage(a: str | None, b: str) -> bool:

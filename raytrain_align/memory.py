@@ -34,8 +34,8 @@ class TreeSampler:
     """Samples RSS of `root` and of every process started after it (the local Ray cluster it starts: Ray's
     daemons are not its children) every `every` seconds in a thread; `.peaks()` per pid."""
 
-    def __init__(self, root: int, every: float = 0.2):
-        self.root, self.every = root, every
+    def __init__(self, root: int, every: float = 0.2, since: float | None = None):
+        self.root, self.every, self.since = root, every, since  # since: also processes started after this time
         self._peaks: dict[int, Peak] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -53,7 +53,7 @@ class TreeSampler:
 
         while not self._stop.is_set():
             try:
-                since = psutil.Process(self.root).create_time()
+                since = self.since or psutil.Process(self.root).create_time()
             except psutil.Error:
                 return
             procs = [p for p in psutil.process_iter(["create_time"]) if (p.info["create_time"] or 0) >= since - 0.01]
