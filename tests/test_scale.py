@@ -77,3 +77,44 @@ def test_memory_flat_from_1x_to_4x(tmp_path_factory, model_dir):
         assert p4["rss"] <= 1.25 * p1["rss"], f"{kind}: peak RSS grew with the data\n{report}"
         # and in bytes: a process holding the prepared data (or the text) would add about all of it
         assert p4["private"] - p1["private"] <= 0.1 * grown, f"{kind}: private memory grew with the data\n{report}"
+
+
+def _corrupt_pages(path):
+    """Overwrite the middle of a parquet file: the footer (row counts) still reads, the data does not."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid - 2000:mid + 2000] = b"\xff" * 4000
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _drop_column(path):
+    import pyarrow.parquet as pq
+
+    pq.write_table(pq.read_table(path).drop_columns(["source"]), path)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_corrupt_pages, r"dataset file .*reasoning-00001-of-00004.parquet could not be read"),
+    (_truncate, r"dataset file .*reasoning-00001-of-00004.parquet is not a readable parquet file"),
+    (lambda p: p.unlink(), r"missing shard .*reasoning-00001-of-00004"),
+    (_drop_column, r"dataset file .*reasoning-00001-of-00004.parquet has columns \['messages'\] but"),
+])
+def test_bad_source_file_one_line_nothing_written(damage, message, tmp_path, model_dir, ray_address):
+    """A damaged shard of a Hub-style tree: one `error:` line naming the file, exit 2, no traceback, and the
+    prepared-data cache has no entry and no half-written folder."""
+    import re
+
+    data = tiny.write_hub_chats(tmp_path / "smoltalk2", {"reasoning": 1200, "chats": 200}, steps=60)
+    damage(data / "data" / "Mid" / "reasoning-00001-of-00004.parquet")
+    storage = tmp_path / "storage"
+    proc = subprocess.run([sys.executable, "-m", "raytrain_align", "prepare", recipe_file(tmp_path, model_dir, data),
+                           "--cpu", "--storage", str(storage)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RAY_ADDRESS": ray_address})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (storage / "prepared").exists() or not any((storage / "prepared").iterdir())
