@@ -387,7 +387,7 @@ def _files_hash(path: str) -> str:
 
 def cache_spec(plan, fingerprints: list) -> dict[str, Any]:
     """Everything that determines the prepared bytes; its hash is the cache key. The row order follows from the
-    mixture and the source files (path, size, modification time, rows), so no row is read to compute it."""
+    mixture and the source files (path, size, modification time), so no file is opened to compute it."""
     import trl
 
     mix = sources.mixture(plan.script)
@@ -505,13 +505,11 @@ def prepare(plan, log=print) -> Prepared:
     to the key when complete; in an object store (no rename) to `<key>/attempt-<id>/`, committed by writing
     `<key>/manifest.json` (one object, written whole) last."""
     sources.check_local(plan.script)
-    mix = sources.mixture(plan.script)
-    srcs = sources.resolve(mix["datasets"])
-    order = sources.mixture_order(srcs, mix)
-    spec = cache_spec(plan, [s.fingerprint() for s in srcs])
+    located = sources.locate(sources.mixture(plan.script)["datasets"])
+    spec = cache_spec(plan, sources.fingerprint(located))  # from file listings: a cached run reads no data file
     key = cache_key(spec)
     if storage.is_remote(plan.storage_path):
-        return _prepare_in_object_store(plan, srcs, order, spec, key, log)
+        return _prepare_in_object_store(plan, located, spec, key, log)
     root = Path(plan.storage_path) / "prepared"
     final = root / key
     manifest = final / "manifest.json"
@@ -525,7 +523,7 @@ def prepare(plan, log=print) -> Prepared:
     tmp.mkdir(parents=True)
     (tmp / "owner.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
     try:
-        prepared = _tokenize(plan, srcs, order, spec, key, str(tmp), str(final), log)
+        prepared = _tokenize(plan, located, spec, key, str(tmp), str(final), log)
         (tmp / "owner.json").unlink()
         (tmp / "manifest.json").write_text(json.dumps(asdict(prepared), indent=2))
         try:
@@ -540,7 +538,7 @@ def prepare(plan, log=print) -> Prepared:
     return prepared
 
 
-def _prepare_in_object_store(plan, srcs, order, spec, key, log) -> Prepared:
+def _prepare_in_object_store(plan, located, spec, key, log) -> Prepared:
     base = storage.join(plan.storage_path, "prepared", key)
     manifest = storage.join(base, "manifest.json")
     if (text := storage.read_text(manifest)) is not None:
@@ -548,7 +546,7 @@ def _prepare_in_object_store(plan, srcs, order, spec, key, log) -> Prepared:
     attempt = storage.join(base, f"attempt-{uuid.uuid4().hex[:8]}")
     done = False
     try:
-        prepared = _tokenize(plan, srcs, order, spec, key, attempt, attempt, log)
+        prepared = _tokenize(plan, located, spec, key, attempt, attempt, log)
         if (text := storage.read_text(manifest)) is not None:  # a concurrent preparation of the same key finished first
             return _reuse(text, log)
         storage.write_text(manifest, json.dumps(asdict(prepared), indent=2))
@@ -567,10 +565,13 @@ def _reuse(manifest_text: str, log) -> Prepared:
     return prepared
 
 
-def _tokenize(plan, srcs, order, spec, key, out: str, final: str, log) -> Prepared:
-    """Both splits through the Ray Data pipeline into `out`; the returned paths point at `final`, where the
-    shards will be once committed."""
+def _tokenize(plan, located, spec, key, out: str, final: str, log) -> Prepared:
+    """Row counts, the mixture order, then both splits through the Ray Data pipeline into `out`; the returned
+    paths point at `final`, where the shards will be once committed."""
     t0 = time.time()
+    mix = sources.mixture(plan.script)
+    srcs = sources.resolve(mix["datasets"], located)
+    order = sources.mixture_order(srcs, mix)
     tokenizer_path = plan.model["model_name_or_path"]
     n_test = 0 if order.test is None else len(order.test)
     log(f"data          tokenizing {len(order.train):,} rows with Ray Data ({plan.method.upper()}, TRL {spec['trl']}) "

@@ -51,9 +51,6 @@ class Source:
     def rows(self) -> int:
         return sum(f.rows for f in self.files)
 
-    def fingerprint(self) -> list:
-        return [[f.path, f.size, f.mtime, f.rows] for f in self.files]
-
 
 @dataclass
 class Order:
@@ -118,11 +115,18 @@ def data_files(entry: dict) -> list[str]:
     plain folder for split 'train'."""
     src, config, split = entry["id"], entry.get("config"), entry.get("split") or "train"
     root = _root(src)
-    if storage.info(root).type.name == "File":
+    try:
+        kind = storage.info(root).type.name
+        files = storage.list_files(root) if kind == "Directory" else []
+    except Exception as e:  # no network, no credentials, a bucket that does not exist
+        raise RecipeError(f"dataset '{src}' could not be listed at {root} ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:160]}); check the id, the network and credentials, or download it "
+                          "and set HF_HUB_OFFLINE=1") from None
+    if kind == "File":
         return [root]
-    if not storage.is_dir(root):
+    if kind != "Directory":
         raise RecipeError(f"dataset '{src}' was not found ({root}); fix the id or path in dataset_mixture")
-    files = [f for f in storage.list_files(root) if f.endswith(tuple(FORMATS)) and "/." not in f[len(root):]]
+    files = [f for f in files if f.endswith(tuple(FORMATS)) and "/." not in f[len(root):]]
     rel = {f: f[len(root):].lstrip("/") for f in files}
     prefixes = [f"data/{config}/", f"{config}/"] if config else ["data/", ""]
     for prefix in prefixes:
@@ -194,15 +198,8 @@ def json_file(path: str) -> tuple[SourceFile, list[str]]:
     return SourceFile(path, "json", rows, stat.size, stat.mtime.timestamp() if stat.mtime else None), list(keys)
 
 
-def resolve(entries_: list[dict]) -> list[Source]:
-    """Every entry's files, row counts and columns. Parquet footers are read here; JSON files are counted by
-    Ray tasks on the cluster when Ray is up (a full pass over each file), else in this process."""
-    import ray
-
-    if ray.is_initialized():
-        count_json = ray.remote(num_cpus=1)(json_file).remote
-    else:
-        count_json = json_file
+def locate(entries_: list[dict]) -> list[list[str]]:
+    """Each entry's files (listing only: nothing is opened)."""
     per_entry = []
     for entry in entries_:
         paths = data_files(entry)
@@ -211,6 +208,28 @@ def resolve(entries_: list[dict]) -> list[Source]:
             if not p.endswith(tuple(FORMATS)):
                 raise RecipeError(f"dataset file {p} has an unknown type; use .parquet, .jsonl or .json (JSON Lines)")
         per_entry.append(paths)
+    return per_entry
+
+
+def fingerprint(per_entry: list[list[str]]) -> list:
+    """What identifies the files' contents without reading them: path, size and modification time."""
+    out = []
+    for paths in per_entry:
+        stats = [storage.info(p) for p in paths]
+        out.append([[p, st.size, st.mtime.timestamp() if st.mtime else None] for p, st in zip(paths, stats)])
+    return out
+
+
+def resolve(entries_: list[dict], per_entry: list[list[str]] | None = None) -> list[Source]:
+    """Every entry's files, row counts and columns. Parquet footers are read here; JSON files are counted by
+    Ray tasks on the cluster when Ray is up (a full pass over each file), else in this process."""
+    import ray
+
+    if ray.is_initialized():
+        count_json = ray.remote(num_cpus=1)(json_file).remote
+    else:
+        count_json = json_file
+    per_entry = per_entry if per_entry is not None else locate(entries_)
     pending = {p: count_json(p) for paths in per_entry for p in paths if FORMATS[_suffix(p)] == "json"}
     counted = {}
     for p, ref in pending.items():

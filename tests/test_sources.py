@@ -150,3 +150,9 @@ def test_bad_sources_named_in_one_line(hub, tmp_path):
         sources.resolve([{"id": str(broken)}])
     with pytest.raises(RecipeError, match=r"no column\(s\) \['chosen'\]"):
         sources.resolve([{**entry, "split": "chats", "columns": ["chosen"]}])
+
+
+def test_unreachable_hub_id_is_one_line():
+    """No network here (nor in CI): a Hub id not in the local cache is a one-line error, not a traceback."""
+    with pytest.raises(RecipeError, match=r"SomeOrg/no-such-dataset.*(could not be listed|not in the local Hub cache)"):
+        sources.data_files({"id": "SomeOrg/no-such-dataset", "config": "Mid", "split": "train"})
