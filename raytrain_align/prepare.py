@@ -217,10 +217,10 @@ class TokenizeActor:
         if "_row" not in batch.column_names:
             return self._block(batch)
         summaries = []
-        keys = pc.add(pc.multiply(batch.column("_split").cast(pa.int64()), 1 << 40), batch.column("_block"))
-        for key in pc.unique(keys).to_pylist():
-            group = batch.filter(pc.equal(keys, key)).sort_by("_pos")
-            split, block = key >> 40, key & ((1 << 40) - 1)
+        train_blocks = sources.blocks(self.split_rows.get(0, 0))
+        for key in pc.unique(batch.column("_block")).to_pylist():
+            group = batch.filter(pc.equal(batch.column("_block"), key)).sort_by("_pos")
+            split, block = (0, key) if key < train_blocks else (1, key - train_blocks)
             expected = min(ROWS_PER_BLOCK, self.split_rows.get(split, 0) - block * ROWS_PER_BLOCK)
             if group.num_rows != expected:  # Ray Data must never cut a block: its packing would differ from TRL's
                 raise RuntimeError(f"{SPLITS[split]} block {block} arrived with {group.num_rows} of {expected} rows")
@@ -454,12 +454,13 @@ def tokenize(frags: list[dict], split_rows: dict[int, int], out_dir: str, method
     ctx.enable_progress_bars = False
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled" notice
     n_rows = sum(split_rows.values())
-    n_blocks = sum(-(-n // sources.ROWS_PER_BLOCK) for n in split_rows.values())
+    n_blocks = sum(sources.blocks(n) for n in split_rows.values())
     totals, t0, shown = {0: PrepareStats(), 1: PrepareStats()}, time.time(), 0.0
     try:
-        # Sorted through the object store (spilling to disk) and kept there, so the reads had every CPU and the
-        # actors below get every CPU: a fixed pool, one actor per CPU of the cluster, spread over its nodes.
-        blocks = sources.read_rows(frags).sort(["_split", "_block"]).materialize()
+        # Sorted into runs of whole blocks, two per CPU (so a slow run does not leave the others idle), and kept in
+        # the object store, so the reads had every CPU and the actors below get every CPU: a fixed pool, one actor
+        # per CPU of the cluster, spread over its nodes.
+        blocks = sources.in_blocks(sources.read_rows(frags), n_blocks, 2 * n_cpus).materialize()
         log(f"data          {n_rows:,} rows read by {len(frags)} read task(s) and sorted into {n_blocks} blocks in "
             f"{time.time() - t0:.1f}s; tokenizing ...")
         t0 = time.time()
@@ -467,7 +468,7 @@ def tokenize(frags: list[dict], split_rows: dict[int, int], out_dir: str, method
             TokenizeActor,
             fn_constructor_kwargs={"method": method, "tokenizer_path": tokenizer_path, "training": training,
                                    "options": options, "out_dir": out_dir, "split_rows": split_rows},
-            batch_size=None,  # a whole sorted block: whole 1000-row groups (checked by the actor)
+            batch_size=None,  # a whole run of sorted rows: whole 1000-row blocks (checked by the actor)
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=max(1, min(n_cpus, n_blocks))),
             num_cpus=1,

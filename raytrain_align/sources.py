@@ -348,6 +348,10 @@ def _spans(f: SourceFile) -> list[tuple[int, int, list[int]]]:
     return spans
 
 
+def blocks(rows: int) -> int:
+    return -(-rows // ROWS_PER_BLOCK)
+
+
 def fragments(sources: list[Source], order_: Order) -> list[dict]:
     """Read tasks: one per run of parquet row groups or JSON file that holds a row of the mixture, each carrying
     which of its rows go where (split, position). Built from a sort of the row ids: O(rows) on the driver."""
@@ -355,8 +359,9 @@ def fragments(sources: list[Source], order_: Order) -> list[dict]:
     ids = np.concatenate([ids for _, ids in splits])
     split_of = np.concatenate([np.full(len(ids_), s, np.int8) for s, ids_ in splits])
     pos = np.concatenate([np.arange(len(ids_)) for _, ids_ in splits])
+    block = pos // ROWS_PER_BLOCK + np.where(split_of == 1, blocks(len(order_.train)), 0)  # test blocks follow train's
     by_id = np.argsort(ids, kind="stable")
-    ids, split_of, pos = ids[by_id], split_of[by_id], pos[by_id]
+    ids, split_of, pos, block = ids[by_id], split_of[by_id], pos[by_id], block[by_id]
     out = []
     for source, offset in zip(sources, order_.offsets):
         start = offset
@@ -366,27 +371,29 @@ def fragments(sources: list[Source], order_: Order) -> list[dict]:
                 if a < b:
                     where = {"path": f.path, "format": f.format, "row_groups": groups, "columns": source.read_columns}
                     out.append({"file": json.dumps(where), "rows": (ids[a:b] - start - first).astype(np.int64),
-                                "split": split_of[a:b], "pos": pos[a:b].astype(np.int64)})
+                                "split": split_of[a:b], "pos": pos[a:b].astype(np.int64),
+                                "block": block[a:b].astype(np.int64)})
             start += f.rows
     return out
 
 
 def read_fragment(batch: dict):
-    """Ray Data read task: one fragment's wanted rows, each as JSON text with its split, position and block,
+    """Ray Data read task: one fragment's wanted rows, each as JSON text with its split, position and block
+    (numbered across the splits: the test split's blocks follow the train split's),
     yielded a row group (or JSON chunk) at a time. Rows keep every column of their file's schema (missing
     values as null), as `datasets` would give them."""
     import pyarrow as pa
 
     where = json.loads(batch["file"][0])
     path, fmt, groups, columns = where["path"], where["format"], where["row_groups"], where["columns"]
-    rows, split, pos = batch["rows"][0], batch["split"][0], batch["pos"][0]
+    rows, split, pos, block = batch["rows"][0], batch["split"][0], batch["pos"][0], batch["block"][0]
     by_row = np.argsort(rows, kind="stable")
-    rows, split, pos = rows[by_row], split[by_row], pos[by_row]
+    rows, split, pos, block = rows[by_row], split[by_row], pos[by_row], block[by_row]
     try:
         chunks = _parquet_rows(path, groups, columns, rows) if fmt == "parquet" else _json_rows(path, columns, rows)
         for lo, hi, texts in chunks:
             yield pa.table({"_split": pa.array(split[lo:hi], pa.int8()),
-                            "_block": pa.array(pos[lo:hi] // ROWS_PER_BLOCK, pa.int64()),
+                            "_block": pa.array(block[lo:hi], pa.int64()),
                             "_pos": pa.array(pos[lo:hi], pa.int64()), "_row": pa.array(texts, pa.large_string())})
     except Exception as e:
         raise SourceReadError(f"dataset file {path} could not be read ({type(e).__name__}: "
@@ -447,15 +454,20 @@ def _json_rows(path: str, columns: list[str] | None, rows: np.ndarray):
             yield lo, hi, texts
 
 
-def read_rows(frags: list[dict], sort_shuffle: bool = True):
+def read_rows(frags: list[dict]):
     """A Ray Data dataset of the mixture's rows (`_split`, `_block`, `_pos`, `_row`), read by tasks spread over
     the cluster: one task per fragment."""
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    if sort_shuffle:
-        # The group-by below then sorts through the object store (spilling to disk), so no process ever holds more
-        # than a partition; the hash shuffle's aggregator actors would each hold a share of the whole mixture.
-        ctx.shuffle_strategy = "sort_shuffle_pull_based"
     ds = ray.data.from_items(frags, override_num_blocks=max(1, len(frags)))
     return ds.map_batches(read_fragment, batch_size=1, batch_format="numpy", num_cpus=1)
+
+
+def in_blocks(rows, n_blocks: int, partitions: int):
+    """The rows sorted by block into `partitions` runs of whole blocks (boundaries known, so Ray Data does not
+    sample), through the object store, so no process holds more than a partition."""
+    # Push-based: its merge stage keeps the object count near inputs + outputs, where the pull-based sort makes
+    # inputs x outputs objects (millions at sft_mid's size). This dataset's context only.
+    rows.context.shuffle_strategy = "sort_shuffle_push_based"
+    per = -(-n_blocks // max(1, min(partitions, n_blocks)))
+    return rows.sort("_block", boundaries=list(range(per, n_blocks, per)) or None)
