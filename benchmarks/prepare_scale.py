@@ -144,7 +144,7 @@ for split, n in (("Llama_Nemotron_Post_Training_Dataset_reasoning_r1", 3_644_790
         rows = min(40_000, left); left -= rows
         groups = tuple((min(1000, rows - g), 25_000_000) for g in range(0, rows, 1000))
         files.append(sources.SourceFile(f"hf://datasets/HuggingFaceTB/smoltalk2/data/Mid/{split}-{k:05d}.parquet",
-                                        "parquet", rows, 0, None, groups))
+                                        "parquet", rows, groups))
     srcs.append(sources.Source({"id": "HuggingFaceTB/smoltalk2", "weight": 1.0}, files, ["messages"], ["messages"]))
 order = sources.mixture_order(srcs, {"seed": 0})
 frags = sources.fragments(srcs, order)
