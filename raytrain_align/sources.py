@@ -1,7 +1,7 @@
 """The mixture without its rows: which files each dataset entry is, how many rows they hold, the exact row order
 the handbook's `datasets` calls would produce, and a Ray Data pipeline that reads those rows on the cluster's
 nodes and delivers them grouped into the 1000-row blocks TRL tokenizes and packs. The driver holds file lists,
-row counts and row-id arrays (about 50 bytes a row at peak), never the text."""
+row counts and row-id arrays (about 70 bytes a row at peak), never the text."""
 
 from __future__ import annotations
 
