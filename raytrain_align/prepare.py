@@ -456,6 +456,9 @@ def tokenize(frags: list[dict], split_rows: dict[int, int], out_dir: str, method
     n_rows = sum(split_rows.values())
     n_blocks = sum(sources.blocks(n) for n in split_rows.values())
     totals, t0, shown = {0: PrepareStats(), 1: PrepareStats()}, time.time(), 0.0
+    # Ray Data logs a failed task's traceback before raising it; the error is reported below, once, in one line.
+    data_log = logging.getLogger("ray.data")
+    level, data_log.level = data_log.level, logging.CRITICAL
     try:
         # Sorted into runs of whole blocks, two per CPU (so a slow run does not leave the others idle), and kept in
         # the object store, so the reads had every CPU and the actors below get every CPU: a fixed pool, one actor
@@ -485,6 +488,8 @@ def tokenize(frags: list[dict], split_rows: dict[int, int], out_dir: str, method
                 log(f"data          {frac:4.0%} {done:,}/{n_rows:,} rows  {rate:,.0f} rows/s  eta {(n_rows - done) / rate:,.0f}s")
     except Exception as e:
         raise _read_error(e) or e
+    finally:
+        data_log.setLevel(level)
     return {split: stats.get() for split, stats in totals.items()}
 
 
@@ -493,8 +498,11 @@ def _read_error(e: BaseException) -> RecipeError | None:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, sources.SourceReadError):
-            return RecipeError(f"{str(e).splitlines()[0]}; download it again or remove it from the dataset")
+        if isinstance(e, sources.SourceReadError):  # Ray's wrapper puts the task's name before the message
+            cause = getattr(e, "cause", None)
+            text = str(cause if isinstance(cause, sources.SourceReadError) else e)
+            line = [t for t in text.splitlines() if "dataset file " in t][-1]  # the message, after any traceback
+            return RecipeError(f"{line[line.find('dataset file'):].strip()}; download it again or remove it from the dataset")
         e = getattr(e, "cause", None) or e.__cause__ or e.__context__
     return None
 

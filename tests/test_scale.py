@@ -94,14 +94,14 @@ def _truncate(path):
 def _drop_column(path):
     import pyarrow.parquet as pq
 
-    pq.write_table(pq.read_table(path).drop_columns(["source"]), path)
+    pq.write_table(pq.read_table(path).drop_columns(["messages"]), path)  # the column the recipe selects
 
 
 @pytest.mark.parametrize("damage,message", [
     (_corrupt_pages, r"dataset file .*reasoning-00001-of-00004.parquet could not be read"),
     (_truncate, r"dataset file .*reasoning-00001-of-00004.parquet is not a readable parquet file"),
     (lambda p: p.unlink(), r"missing shard .*reasoning-00001-of-00004"),
-    (_drop_column, r"dataset file .*reasoning-00001-of-00004.parquet has columns \['messages'\] but"),
+    (_drop_column, r"no column\(s\) \['messages'\] \(file .*reasoning-00001-of-00004.parquet\)"),
 ])
 def test_bad_source_file_one_line_nothing_written(damage, message, tmp_path, model_dir, ray_address):
     """A damaged shard of a Hub-style tree: one `error:` line naming the file, exit 2, no traceback, and the
