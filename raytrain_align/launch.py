@@ -31,6 +31,17 @@ def check_gpus(plan: Plan) -> None:
             )
 
 
+def check_gpu_packages(plan: Plan) -> None:
+    """liger-kernel is an optional extra (it needs CUDA and triton); a GPU recipe that asks for it fails here, not
+    after the workers have loaded the model. The driver's environment stands for the cluster's image."""
+    import importlib.util
+
+    if plan.use_gpu and plan.training.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
+        raise RecipeError(
+            f"recipe '{plan.recipe}' sets use_liger_kernel: true and liger-kernel is not installed; "
+            "pip install 'raytrain_align[gpu]' on every node, or --set use_liger_kernel=false")
+
+
 def token_available() -> bool:
     """A Ray auth token where Ray looks for one. Ray 2.60 starts a head with token auth when it finds one (and
     without, when not); whatever joins that head must then ask for token auth itself."""
@@ -68,6 +79,7 @@ def run(plan: Plan, log=print):
     from .train import train_loop_per_worker
 
     check_gpus(plan)
+    check_gpu_packages(plan)
     done = export.final_checkpoint(plan)
     if done is not None:
         log(f"done          run '{plan.run_name}' already finished in {plan.storage_path}; exporting its model again "

@@ -177,3 +177,17 @@ def test_pipeline_chains_stage_plans(tmp_path):
     proc = run_cli(["pipeline", "sft_mid", "sft_mid_typo", "--tiny", "--storage", str(tmp_path / "s")])
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: unknown recipe 'sft_mid_typo'")
     assert not (tmp_path / "s").exists()  # nothing prepared or trained
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("liger_kernel") is not None, reason="liger-kernel installed")
+def test_gpu_recipe_asking_for_liger_without_it_names_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # a GPU cluster stands here: refused before it is reached
+    storage = tmp_path / "storage"
+    assert cli.main(["sft_mid", "--storage", str(storage), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "use_liger_kernel: true and liger-kernel is not installed" in err[0], err
+    assert "raytrain_align[gpu]" in err[0] and not storage.exists()
+    # the same recipe on CPU workers turns liger off and says so in the plan
+    assert cli.main(["plan", "sft_mid", "--cpu", "--json", "--storage", str(storage)]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["training"]["use_liger_kernel"] is False and plan["cpu_overrides"]["use_liger_kernel"] is False
