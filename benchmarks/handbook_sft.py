@@ -74,12 +74,17 @@ def main(path: str, method: str = "sft") -> None:
     timer = _timing_callback()
     trainer = trainer_cls(model=model, args=args, train_dataset=train, processing_class=tok, callbacks=[timer])
     t0 = time.time()
-    trainer.train()
-    if trainer.is_world_process_zero() and os.environ.get("BENCH_RESULT"):
-        out = {"timing": timer.stats, "log_history": trainer.state.log_history, "train_seconds": time.time() - t0,
-               "process_start_unix": T_START, "world_size": trainer.args.world_size}
-        with open(os.environ["BENCH_RESULT"], "w") as f:
-            json.dump(out, f, indent=2, default=str)
+    try:
+        trainer.train()
+        if trainer.is_world_process_zero() and os.environ.get("BENCH_RESULT"):
+            out = {"timing": timer.stats, "log_history": trainer.state.log_history, "train_seconds": time.time() - t0,
+                   "process_start_unix": T_START, "world_size": trainer.args.world_size}
+            with open(os.environ["BENCH_RESULT"], "w") as f:
+                json.dump(out, f, indent=2, default=str)
+    finally:
+        # Tear the process group down before the interpreter does: left to exit, a rank's live communicator
+        # threads can abort the process ("terminate called without an active exception") after training succeeded.
+        trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -109,6 +109,25 @@ def test_token_auth_is_on(head):
     assert urllib.request.urlopen(req, timeout=10).status == 200
 
 
+def _ray_job_submit(env: dict, *entrypoint: str) -> subprocess.CompletedProcess:
+    """Ray's own `ray job submit` CLI from the repository root, as the README has users type it."""
+    return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--working-dir", ".", "--",
+                           *entrypoint], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_ray_job_submit_cli_with_the_environment_the_docs_give(head):
+    """README / cluster/README.md: RAY_ADDRESS, RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN or
+    ~/.ray/auth_token). Without RAY_AUTH_MODE Ray's CLI sends no token and the head refuses the job."""
+    user = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    user.update(RAY_ADDRESS=head["address"], RAY_AUTH_TOKEN=head["token"])
+    refused = _ray_job_submit(user, "python", "-m", "raytrain_align", "recipes")
+    assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower()
+    done = _ray_job_submit({**user, "RAY_AUTH_MODE": "token"}, "python", "-m", "raytrain_align", "plan", "sft_mid",
+                           "--tiny", "--json")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout.lower() and '"world_size": 2' in done.stdout
+
+
 def test_bad_address_is_one_line_naming_the_fix(head):
     with socket.socket() as closed, pytest.raises(jobs.JobsError) as e:
         closed.bind(("127.0.0.1", 0))  # bound, not listening: connection refused
