@@ -46,7 +46,12 @@ RAY_FIELDS: dict[str, Any] = {
     "long_samples": str,  # "truncate" (TRL's behaviour) or "drop" rows longer than max_length
     "checkpoint_upload": str,  # "sync" (training waits for the commit) or "async" (uploads in the background)
     "use_gpu": bool,  # false: CPU workers over gloo (what --cpu does), e.g. to try a recipe and its data on a laptop
+    "method": str,  # sft | dpo | orpo: beats the folder the recipe sits in (the handbook's recipes/<model>/<method>/)
 }
+
+# The handbook's training scripts (scripts/sft.py, dpo.py, orpo.py), one per method; its recipes sit in a folder
+# named after the script that trains them. Only these can be trained here:
+SUPPORTED_METHODS = ("sft", "dpo")
 
 # Fields current TRL/transformers renamed: translated with one warning line each, never dropped.
 RENAMED_FIELDS = {
@@ -232,10 +237,54 @@ def _read_yaml(path: Path, what: str) -> dict:
     return data
 
 
-def _guess_method(path: Path, raw: dict) -> str:
-    if "dpo" in path.parts or "beta" in raw:
-        return "dpo"
-    return "sft"
+def _method_fields() -> dict[str, set[str]]:
+    """Per handbook method, the fields its TRL config adds to transformers' TrainingArguments."""
+    import warnings
+
+    import trl
+    from transformers import TrainingArguments
+
+    with warnings.catch_warnings():  # "importing from trl.experimental": only its field names are read here
+        warnings.simplefilter("ignore")
+        from trl.experimental.orpo import ORPOConfig
+
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
+    configs = {"sft": trl.SFTConfig, "dpo": trl.DPOConfig, "orpo": ORPOConfig}
+    return {m: {f.name for f in dataclasses.fields(c) if f.init} - base for m, c in configs.items()}
+
+
+def fitting_methods(keys: set[str], fields: dict[str, set[str]]) -> list[str]:
+    """The methods whose config has every method-specific key the recipe sets (`beta`: dpo or orpo)."""
+    specific = keys & set().union(*fields.values())
+    return [m for m, f in fields.items() if specific <= f]
+
+
+def decide_method(path: Path, keys: set[str], explicit: str | None, fields: dict[str, set[str]]) -> str:
+    """What the recipe says it trains: `ray.method`, else the handbook folder it sits in, checked against the
+    method-specific keys it sets; with neither, those keys must name exactly one method. Never a guess."""
+    choices = ", ".join(fields)
+    fit = fitting_methods(keys, fields)
+    specific = sorted(keys & set().union(*fields.values()) - set.intersection(*fields.values()))
+    if explicit is not None:
+        if explicit not in fields:
+            raise RecipeError(f"recipe '{path}': ray.method is '{explicit}'; use one of {choices}")
+        method, why = explicit, "ray.method"
+    else:
+        folder = next((p for p in reversed(path.parent.parts) if p in fields), None)
+        if folder is None and len(fit) != 1:
+            raise RecipeError(
+                f"recipe '{path}': cannot tell which method it trains (its keys fit {' or '.join(fit) or 'none of them'}); "
+                f"set ray.method to one of {choices}, or keep it in a folder named after its method as the handbook does")
+        method, why = (folder, f"its folder '{folder}/'") if folder else (fit[0], f"its keys ({', '.join(specific)})")
+    if fit and method not in fit:
+        alien = ", ".join(k for k in specific if k not in fields[method])
+        raise RecipeError(
+            f"recipe '{path}': {why} says {method.upper()}, but it sets {alien}, which {method.upper()} does not have "
+            f"(its keys fit {' or '.join(m.upper() for m in fit)}); set ray.method to the method it trains")
+    if method not in SUPPORTED_METHODS:
+        raise RecipeError(f"recipe '{path}' trains {method.upper()} ({why}), which raytrain_align does not support yet; "
+                          f"supported: {', '.join(SUPPORTED_METHODS)}")
+    return method
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -280,7 +329,14 @@ def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None, acce
     if not path.is_file():
         raise RecipeError(f"recipe '{name}' points at '{path}', which is missing; set RAYTRAIN_ALIGN_RECIPES to the recipes/ folder")
     raw = _read_yaml(path, "recipe")
-    method = method or _guess_method(path, raw)
+    section = raw.get("ray") if isinstance(raw.get("ray"), dict) else {}
+    explicit = (overrides or {}).get("ray.method", section.get("method"))
+    if method is None:  # a file: what it says it trains
+        keys = (set(raw) | {k for k in overrides or {} if "." not in k}) - {"ray"}
+        method = decide_method(path, keys, explicit, _method_fields())
+    elif explicit not in (None, method):
+        raise RecipeError(f"recipe '{name}' trains {method.upper()}; ray.method '{explicit}' cannot change that "
+                          "(copy its YAML file and edit it instead)")
     model_f, script_f, train_f = _config_fields(method)
     known = set(model_f) | set(script_f) | set(train_f) | {"ray"}
     _apply_overrides(raw, overrides or {}, known, "--set")

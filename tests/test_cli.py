@@ -126,18 +126,31 @@ def test_renamed_handbook_field_is_translated_with_one_warning(tmp_path, capsys)
     assert cap.err.count("warning: 'warmup_ratio' is now 'warmup_steps'") == 1
 
 
-HANDBOOK = sorted((REPO / "tests" / "data" / "handbook").glob("*.yaml"))
+HANDBOOK_DIR = REPO / "tests" / "data" / "handbook"
+HANDBOOK = sorted(HANDBOOK_DIR.rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", HANDBOOK, ids=[p.stem for p in HANDBOOK])
+@pytest.mark.parametrize("path", HANDBOOK, ids=[str(p.relative_to(HANDBOOK_DIR / "recipes")) for p in HANDBOOK])
 def test_handbook_recipe_files_load_unchanged(path, capsys):
-    """The handbook's own recipe files (copied verbatim into tests/data/handbook): every key is either
-    used (in the plan) or named in a warning line with its replacement; nothing is dropped silently."""
+    """The handbook's own recipe files (copied verbatim into tests/data/handbook, under their handbook paths):
+    each plans as the method its folder names, and every key is either used (in the plan) or named in a warning
+    line with its replacement; nothing is dropped silently. A method not supported yet is one error line."""
     import yaml
 
-    assert cli.main(["plan", str(path), "--json"]) == 0
+    from raytrain_align.recipe import SUPPORTED_METHODS
+
+    method = path.parent.name
+    code = cli.main(["plan", str(path), "--json"])
     cap = capsys.readouterr()
+    if method not in SUPPORTED_METHODS:
+        assert code == 2 and cap.out == ""
+        assert cap.err.strip().splitlines() == [
+            f"error: recipe '{path}' trains {method.upper()} (its folder '{method}/'), which raytrain_align does not "
+            f"support yet; supported: {', '.join(SUPPORTED_METHODS)}"]
+        return
+    assert code == 0, cap.err
     plan = json.loads(cap.out)
+    assert plan["method"] == method
     placed = set(plan["model"]) | set(plan["script"]) | set(plan["training"])
     for key in yaml.safe_load(path.read_text()):
         assert key in placed or f"'{key}" in cap.err, key
