@@ -91,7 +91,7 @@ def test_aws_ray_ports_not_open_to_the_world_and_auth_on(aws):
 def test_aws_installs_this_project_pinned(aws):
     setup = "\n".join(aws["setup_commands"])
     assert aws["file_mounts"]["~/raytrain_align"] == "."
-    assert "pip install -q ~/raytrain_align" in setup and '"ray[default,train,data]==2.60.0"' in setup
+    assert 'pip install -q "$HOME/raytrain_align[gpu]"' in setup and '"ray[default,train,data]==2.60.0"' in setup
     assert re.search(r"torch==\d+\.\d+\.\d+", setup)
     assert "RAYTRAIN_ALIGN_STORAGE=/mnt/efs/runs" in setup and "FI_PROVIDER=efa" in setup and "NCCL_" in setup
 
