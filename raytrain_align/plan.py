@@ -106,26 +106,12 @@ def _quiet():
         yield
 
 
-@contextlib.contextmanager
-def patched_env(env: dict[str, str]):
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def deepspeed_config_for(env: dict[str, str], training: dict[str, Any], world_size: int, gbs: int) -> dict[str, Any]:
     """The DeepSpeed config accelerate's DeepSpeedPlugin builds from that environment, with the Trainer's
     'auto' values filled in the way transformers fills them."""
-    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils import DeepSpeedPlugin, patch_environment
 
-    with patched_env(env), _quiet():
+    with patch_environment(**env), _quiet():
         plugin = DeepSpeedPlugin()
         plugin.set_mixed_precision(env.get("ACCELERATE_MIXED_PRECISION", "no"))
     cfg = json.loads(json.dumps(plugin.deepspeed_config, default=str))
@@ -145,9 +131,9 @@ def deepspeed_config_for(env: dict[str, str], training: dict[str, Any], world_si
 def fsdp_config_for(env: dict[str, str]) -> dict[str, Any]:
     """The FSDP2 settings accelerate's FullyShardedDataParallelPlugin resolves from that environment (and the
     Accelerator's mixed precision), as plain values: what each worker's `fully_shard` calls will get."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils import FullyShardedDataParallelPlugin, patch_environment
 
-    with patched_env(env), _quiet():
+    with patch_environment(**env), _quiet():
         plugin = FullyShardedDataParallelPlugin()
         mixed = env.get("ACCELERATE_MIXED_PRECISION", "no")
         if mixed != "no":

@@ -1,0 +1,73 @@
+"""Fast tests of the pure logic under the slow end-to-end ones: elastic world sizes and gradient accumulation,
+the world-size-independent sampler, worker ranges, handbook-style CLI overrides and restart causes."""
+
+import json
+
+import pytest
+
+from raytrain_align import elastic
+from raytrain_align.cli import _handbook_overrides
+from raytrain_align.errors import RecipeError
+from raytrain_align.plan import worker_range
+
+
+def test_valid_world_sizes_keep_the_global_batch_exact():
+    assert elastic.valid_world_sizes(128, 1, 1, 8) == [1, 2, 4, 8]
+    assert elastic.valid_world_sizes(96, 2, 2, 6) == [2, 3, 4, 6]
+    assert elastic.valid_world_sizes(10, 4, 1, 4) == []
+    assert elastic.grad_accum_for(128, 1, 64) == 2 and elastic.grad_accum_for(96, 2, 3) == 16
+    with pytest.raises(RecipeError, match="not a multiple of per_device_train_batch_size x world size = 2 x 5"):
+        elastic.grad_accum_for(96, 2, 5)
+
+
+def test_sampler_order_depends_on_seed_and_epoch_not_on_world_size():
+    s = elastic.GlobalOrderSampler(n=103, global_batch=8, seed=7)
+    assert len(s) == 96  # the last 103 % 8 rows of each epoch's order wait for another epoch
+    first, again = s.order(0), elastic.GlobalOrderSampler(103, 8, 7).order(0)
+    assert first == again and len(set(first)) == 96 and max(first) < 103
+    assert s.order(1) != first
+    s.set_epoch(1)
+    assert list(s) == s.order(1)
+    assert elastic.GlobalOrderSampler(103, 16, 7).order(0)[:96] == first  # a wider global batch: same order
+    with pytest.raises(RecipeError, match="fewer than one global batch"):
+        elastic.GlobalOrderSampler(5, 8, 0)
+
+
+@pytest.mark.parametrize("value, per_node, expected", [
+    (None, 1, None), (4, 1, (4, 4)), ("2:4", 1, (2, 4)), ("1:2", 8, (8, 16)), ("3", 2, (6, 6))])
+def test_worker_range(value, per_node, expected):
+    assert worker_range("--nodes", value, per_node) == expected
+
+
+@pytest.mark.parametrize("value, message", [("two", "must be N or MIN:MAX"), ("4:2", "need 1 <= MIN <= MAX"),
+                                            ("0", "need 1 <= MIN <= MAX")])
+def test_worker_range_refuses(value, message):
+    with pytest.raises(RecipeError, match=message):
+        worker_range("--nodes", value)
+
+
+def test_handbook_style_overrides():
+    assert _handbook_overrides(["--gradient_accumulation_steps", "16", "--packing", "--lr=1e-5"]) == [
+        "gradient_accumulation_steps=16", "packing=true", "lr=1e-5"]
+    with pytest.raises(RecipeError, match="unexpected argument 'oops'"):
+        _handbook_overrides(["oops"])
+
+
+def _start(logs, attempt, world, position=None, launch="L1"):
+    return elastic.log_start(logs, attempt, world=world, gbs=8, grad_accum=8 // world, position=position,
+                             launch_id=launch, optimizer_match=None, resharded=None)
+
+
+def test_restart_causes_from_the_run_log(tmp_path):
+    logs = str(tmp_path / "logs")
+    assert _start(logs, "a0", 4)["cause"] == "start"
+    elastic.heartbeat(logs, "a0", 12)
+    pos = {"global_step": 10, "saved_unix": 0.0}
+    shrink = _start(logs, "a1", 2, pos)
+    assert shrink["cause"] == "shrink 4 -> 2 (workers lost)" and shrink["steps_lost"] == 2
+    assert _start(logs, "a2", 4, pos)["cause"] == "grow 2 -> 4 (resources added)"
+    assert _start(logs, "a3", 4, pos)["cause"] == "worker group restart after a failure"
+    assert _start(logs, "a4", 4, {**pos, "reason": "preemption"})["cause"] == "preemption (node drain)"
+    assert _start(logs, "a5", 4, pos, launch="L2")["cause"] == "driver relaunch"
+    rows = [json.loads(line) for line in (tmp_path / "logs" / elastic.RUN_LOG).read_text().splitlines()]
+    assert [r["attempt"] for r in rows if r["event"] == "start"] == ["a0", "a1", "a2", "a3", "a4", "a5"]
