@@ -78,7 +78,8 @@ def test_ray_data_pipeline_equals_trl(ray_client, tmp_path, monkeypatch):
     nodes = {n.node_id for n in state.list_nodes()}
     read_nodes = {t.node_id for t in state.list_tasks(filters=[("name", "=", READ_TASK)], limit=10_000, detail=True)
                   if t.node_id}
-    actor_nodes = {a.node_id for a in state.list_actors(filters=[("class_name", "=", TOKENIZE_ACTOR)], limit=10_000, detail=True)}
+    actor_nodes = {a.node_id for a in state.list_actors(filters=[("class_name", "=", TOKENIZE_ACTOR)], limit=10_000, detail=True)
+                   if a.node_id}  # an actor of the pool that was never placed has no node
     assert len(nodes) == 2 and read_nodes == nodes and actor_nodes == nodes, (read_nodes, actor_nodes)
 
     pairs = prep_data.preferences(300)
@@ -91,7 +92,7 @@ def test_ray_data_pipeline_equals_trl(ray_client, tmp_path, monkeypatch):
         assert ours[col] == theirs[col], col
 
 
-N_ROWS = 60_000  # about a minute of preparation on 2 cores: clearly longer than the 30 s collective timeout
+N_ROWS = 60_000  # 30-60 s of preparation on 2 cores: about twice the 15 s collective timeout or more
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,7 @@ def slow_recipe(tmp_path_factory):
         "model_name_or_path: HuggingFaceTB/SmolLM3-3B\n"
         f"dataset_mixture:\n  datasets:\n    - id: {root / 'sums.jsonl'}\n  seed: 0\n"
         "packing: true\nmax_length: 512\nper_device_train_batch_size: 2\nmax_steps: 3\nsave_strategy: 'no'\n"
-        "ddp_timeout: 30\nrun_name: sums\n"
+        "ddp_timeout: 15\nrun_name: sums\n"
     )
     return root, recipe
 
@@ -129,10 +130,10 @@ def test_no_collective_waits_on_data(slow_run):
     """Preparation took longer than the collective timeout, the run still succeeded, and the process group
     was formed only after preparation had finished."""
     proc, _, manifest = slow_run
-    assert manifest["seconds"] > 30, f"preparation took {manifest['seconds']}s: make the dataset larger for this machine"
+    assert manifest["seconds"] > 15, f"preparation took {manifest['seconds']}s: make the dataset larger for this machine"
     out = proc.stdout
     prepared_at = re.search(r"finished at (\d\d:\d\d:\d\d)", out)
-    formed = re.search(r"process group formed at (\d\d:\d\d:\d\d): world 2, gloo, collective timeout 30s", out)
+    formed = re.search(r"process group formed at (\d\d:\d\d:\d\d): world 2, gloo, collective timeout 15s", out)
     assert prepared_at and formed, out[-3000:]
     assert prepared_at.start() < formed.start() and prepared_at.group(1) <= formed.group(1)
     assert "steps" in out and "Traceback" not in proc.stderr
