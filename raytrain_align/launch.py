@@ -42,6 +42,16 @@ def check_gpu_packages(plan: Plan) -> None:
             "pip install 'raytrain_align[gpu]' on every node, or --set use_liger_kernel=false")
 
 
+def check_storage(plan: Plan) -> None:
+    """Storage and output folders that cannot be written fail here, before anything is prepared or trained."""
+    from . import storage
+
+    for flag, path in (("--storage", plan.storage_path), ("--output-dir", plan.output_dir)):
+        why = storage.unwritable(path)
+        if why:
+            raise RecipeError(f"{flag} {path} cannot be written: {why}; pick a folder this user can write")
+
+
 def token_available() -> bool:
     """A Ray auth token where Ray looks for one. Ray 2.60 starts a head with token auth when it finds one (and
     without, when not); whatever joins that head must then ask for token auth itself."""
@@ -80,6 +90,7 @@ def run(plan: Plan, log=print):
 
     check_gpus(plan)
     check_gpu_packages(plan)
+    check_storage(plan)
     done = export.final_checkpoint(plan)
     if done is not None:
         log(f"done          run '{plan.run_name}' already finished in {plan.storage_path}; exporting its model again "

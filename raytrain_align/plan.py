@@ -175,6 +175,11 @@ def _lcm_range(mbs: int, lo: int, hi: int) -> int:
     return mbs * math.lcm(*range(lo, hi + 1))
 
 
+def _given(flag, default):
+    """A flag's value when the user gave one (0 included: refused by the check, never replaced), else the default."""
+    return default if flag is None else flag
+
+
 def _positive(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise RecipeError(f"{name} must be a positive integer, got {value!r}")
@@ -228,18 +233,20 @@ def build_plan(
     num_machines = acc.get("num_machines", 1) or 1
     per_node_default = max(1, (acc.get("num_processes", 1) or 1) // num_machines)
     if tiny:
-        per_node = _positive("--gpus-per-node", gpus_per_node or tiny_mod.TINY_WORKERS)
-        node_range = worker_range("--nodes", nodes or 1)
+        per_node = _positive("--gpus-per-node", _given(gpus_per_node, tiny_mod.TINY_WORKERS))
+        node_range = worker_range("--nodes", _given(nodes, 1))
         use_gpu = False
         cpus = 1
     elif cpu:  # a laptop: one node of TINY_WORKERS CPU workers unless told otherwise
-        per_node = _positive("--gpus-per-node", gpus_per_node or tiny_mod.TINY_WORKERS)
-        node_range = worker_range("--nodes", nodes or 1)
+        per_node = _positive("--gpus-per-node", _given(gpus_per_node, tiny_mod.TINY_WORKERS))
+        node_range = worker_range("--nodes", _given(nodes, 1))
         use_gpu = False
         cpus = 1
     else:
-        per_node = _positive("--gpus-per-node", gpus_per_node or ray_cfg.get("gpus_per_node") or per_node_default)
-        node_range = worker_range("--nodes" if nodes else "ray.nodes", nodes or ray_cfg.get("nodes") or num_machines)
+        per_node = _positive("--gpus-per-node" if gpus_per_node is not None else "ray.gpus_per_node",
+                             _given(gpus_per_node, ray_cfg.get("gpus_per_node") or per_node_default))
+        node_range = worker_range("--nodes" if nodes is not None else "ray.nodes",
+                                  _given(nodes, ray_cfg.get("nodes") or num_machines))
         use_gpu = ray_cfg.get("use_gpu", True) is not False
         cpus = _positive("ray.cpus_per_worker", ray_cfg.get("cpus_per_worker") or 1)
     cpu_overrides = {} if use_gpu or tiny else cpu_only_overrides(model, training, explicit)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -179,6 +181,38 @@ def _check_type(where: str, key: str, value, tp) -> None:
         )
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# Ranges the types alone do not say: (fields, test, what the value must be). `ray.` fields are the ray section's.
+VALUE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
+    (("learning_rate", "num_train_epochs", "beta", "adam_epsilon", "save_steps", "logging_steps", "eval_steps",
+      "ray.resize_interval_s"), lambda v: _number(v) and v > 0, "a finite number > 0"),
+    (("weight_decay", "max_grad_norm", "warmup_steps"), lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    (("adam_beta1", "adam_beta2", "label_smoothing_factor"), lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    (("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_length",
+      "dataset_num_proc", "save_total_limit", "ray.gpus_per_node", "ray.cpus_per_worker", "ray.global_batch_size"),
+     lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    (("max_steps",), lambda v: _integer(v) and (v == -1 or v >= 1), "-1 (train num_train_epochs) or an integer >= 1"),
+    (("seed", "data_seed"), lambda v: _integer(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    (("ray.max_failures",), lambda v: _integer(v) and v >= -1, "-1 (no limit) or an integer >= 0"),
+]
+
+
+def _check_values(where: str, values: dict[str, Any]) -> None:
+    """One error line per value out of range, non-finite numbers (YAML's .nan / .inf) included."""
+    for keys, ok, what in VALUE_RULES:
+        for key in keys:
+            v = values.get(key)
+            if v is not None and not ok(v):
+                raise RecipeError(f"{where}: '{key}' must be {what}, got {v!r}; fix the value in the recipe or --set")
+
+
 def _check_mixture(where: str, mixture) -> None:
     if mixture is None:
         return
@@ -198,11 +232,15 @@ def _check_mixture(where: str, mixture) -> None:
                     f"{where}: unknown key 'dataset_mixture.datasets[{i}].{key}'{_closest(key, MIXTURE_ENTRY_KEYS)}"
                 )
         w = entry.get("weight", 1.0)
-        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0):
-            raise RecipeError(f"{where}: dataset_mixture.datasets[{i}].weight must be a number >= 0, got {w!r}")
+        if w is not None and not (_number(w) and w >= 0):
+            raise RecipeError(f"{where}: dataset_mixture.datasets[{i}].weight must be a finite number >= 0, got {w!r}")
     seed = mixture.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise RecipeError(f"{where}: dataset_mixture.seed must be int, got {seed!r}")
+    if not _integer(seed) or not 0 <= seed < 2**32:
+        raise RecipeError(f"{where}: dataset_mixture.seed must be an integer in [0, 2**32), got {seed!r}")
+    test = mixture.get("test_split_size")
+    if test is not None and not (_integer(test) and test >= 1 or _number(test) and not _integer(test) and 0 < test < 1):
+        raise RecipeError(f"{where}: dataset_mixture.test_split_size must be a fraction in (0, 1) or a row count "
+                          f">= 1, got {test!r}")
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -226,7 +264,11 @@ def resolve_recipe_path(name_or_path: str) -> tuple[str, Path, str | None]:
 
 def _read_yaml(path: Path, what: str) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{what} '{path}' is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML") from None
+    except OSError as e:
+        raise RecipeError(f"{what} '{path}' cannot be read ({e.strerror}); check the path and its permissions") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
@@ -288,6 +330,9 @@ def decide_method(path: Path, keys: set[str], explicit: str | None, fields: dict
     return method
 
 
+EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+$")
+
+
 def parse_set(items: list[str]) -> dict[str, Any]:
     """--set key=value (value parsed as YAML: numbers, bools, lists). Dotted keys reach into sections."""
     out: dict[str, Any] = {}
@@ -301,6 +346,8 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             parsed = value
         if isinstance(parsed, bool) and value.strip().lower() not in ("true", "false"):
             parsed = value  # YAML 1.1 reads no/yes/on/off as booleans; `--save_strategy no` means the string
+        if isinstance(parsed, str) and EXPONENT_FLOAT.match(parsed.strip()):
+            parsed = float(parsed)  # YAML 1.1 reads 1e-5 (no dot) as a string; on a command line it is a number
         out[key.strip()] = parsed
     return out
 
@@ -379,6 +426,8 @@ def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None, acce
                 placed = True
         assert placed
     _check_mixture(where, recipe.script.get("dataset_mixture"))
+    _check_values(where, {**recipe.model, **recipe.script, **recipe.training,
+                          **{f"ray.{k}": v for k, v in recipe.ray.items()}})
     if not recipe.script.get("dataset_mixture") and not recipe.script.get("dataset_name"):
         raise RecipeError(f"{where}: needs 'dataset_name' or 'dataset_mixture' (the handbook's data keys)")
     if not recipe.model.get("model_name_or_path"):
@@ -429,6 +478,12 @@ def load_accelerate_config(path: Path) -> dict:
             raise RecipeError(
                 f"accelerate config '{path}': deepspeed_config_file is not supported yet; put zero_stage/offload_* keys in deepspeed_config"
             )
+    from accelerate.utils import PrecisionType
+
+    mp = data.get("mixed_precision")
+    if mp is not None and str(mp) not in PrecisionType.list():
+        raise RecipeError(f"accelerate config '{path}': mixed_precision must be one of {', '.join(PrecisionType.list())}, "
+                          f"got {mp!r}")
     for key in ("num_machines", "num_processes"):
         v = data.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):

@@ -110,3 +110,23 @@ def copy_to_local(src: str, dest: str, chunk: int = 64 << 20) -> None:
         while block := fin.read(chunk):
             fout.write(block)
     os.replace(tmp, dest)
+
+
+def unwritable(path: str) -> str | None:
+    """Why a local folder could not be created or written (its nearest existing ancestor decides), else None.
+    URIs are not probed: an object store answers only when written to."""
+    import os
+    from pathlib import Path
+
+    if is_remote(path):
+        return None
+    p = Path(path).expanduser().absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        return f"'{p}' is a file, not a folder"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"'{p}' is not writable by this user"
+    if os.statvfs(p).f_flag & os.ST_RDONLY:
+        return f"'{p}' is on a read-only file system"
+    return None

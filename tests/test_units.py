@@ -71,3 +71,12 @@ def test_restart_causes_from_the_run_log(tmp_path):
     assert _start(logs, "a5", 4, pos, launch="L2")["cause"] == "driver relaunch"
     rows = [json.loads(line) for line in (tmp_path / "logs" / elastic.RUN_LOG).read_text().splitlines()]
     assert [r["attempt"] for r in rows if r["event"] == "start"] == ["a0", "a1", "a2", "a3", "a4", "a5"]
+
+
+def test_set_values_parse_as_a_command_line_means_them():
+    from raytrain_align.recipe import parse_set
+
+    assert parse_set(["learning_rate=1e-5", "lr2=-2.5E+3", "save_strategy=no", "packing=true", "steps=10",
+                      "name=run1", "x=1.0e-6"]) == {
+        "learning_rate": 1e-5, "lr2": -2500.0, "save_strategy": "no", "packing": True, "steps": 10, "name": "run1",
+        "x": 1e-6}
