@@ -327,9 +327,10 @@ def load_prepared(storage: str, key: str, split: str = "train", rows: int = 10_0
     return data.select(range(min(rows, len(data)))).to_pandas()
 
 
-def _same_storage(a: str | None, b: str) -> bool:
+def _same_storage(a, b: str) -> bool:
+    """`a` is a history row's storage: NaN for a job that never started a run (a `plan` job, an early failure)."""
     norm = lambda s: s.rstrip("/") if "://" in s else os.path.realpath(os.path.expanduser(s))  # noqa: E731
-    return a is not None and norm(a) == norm(b)
+    return isinstance(a, str) and norm(a) == norm(b)
 
 
 def compare(storage: str, address: str | None = None) -> "pd.DataFrame":  # noqa: F821

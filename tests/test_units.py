@@ -80,3 +80,13 @@ def test_set_values_parse_as_a_command_line_means_them():
                       "name=run1", "x=1.0e-6"]) == {
         "learning_rate": 1e-5, "lr2": -2500.0, "save_strategy": "no", "packing": True, "steps": 10, "name": "run1",
         "x": 1e-6}
+
+
+def test_job_history_rows_without_a_run_match_no_storage():
+    import pandas as pd
+
+    from raytrain_align.jobs import _same_storage
+
+    storages = pd.DataFrame({"storage": ["/tmp/s", None]}).storage  # pandas turns the missing one into NaN
+    assert [_same_storage(s, "/tmp/s/") for s in storages] == [True, False]
+    assert _same_storage("s3://b/runs/", "s3://b/runs") and not _same_storage(None, "/tmp/s")
