@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "prepare":
             from . import launch, prepare, tiny
 
-            launch.check_storage(plan)
+            launch.check_storage(plan, output=False)  # prepare exports nothing
             launch.init_ray()
             if plan.tiny:
                 tiny.materialize(tiny.assets_dir(plan.storage_path), plan.recipe_model)

@@ -42,11 +42,13 @@ def check_gpu_packages(plan: Plan) -> None:
             "pip install 'raytrain_align[gpu]' on every node, or --set use_liger_kernel=false")
 
 
-def check_storage(plan: Plan) -> None:
-    """Storage and output folders that cannot be written fail here, before anything is prepared or trained."""
+def check_storage(plan: Plan, output: bool = True) -> None:
+    """Storage (and, for a run that exports, the output folder) that cannot be written fails here, before anything
+    is prepared or trained."""
     from . import storage
 
-    for flag, path in (("--storage", plan.storage_path), ("--output-dir", plan.output_dir)):
+    paths = [("--storage", plan.storage_path)] + ([("--output-dir", plan.output_dir)] if output else [])
+    for flag, path in paths:
         why = storage.unwritable(path)
         if why:
             raise RecipeError(f"{flag} {path} cannot be written: {why}; pick a folder this user can write")

@@ -232,12 +232,7 @@ def build_plan(
 
     num_machines = acc.get("num_machines", 1) or 1
     per_node_default = max(1, (acc.get("num_processes", 1) or 1) // num_machines)
-    if tiny:
-        per_node = _positive("--gpus-per-node", _given(gpus_per_node, tiny_mod.TINY_WORKERS))
-        node_range = worker_range("--nodes", _given(nodes, 1))
-        use_gpu = False
-        cpus = 1
-    elif cpu:  # a laptop: one node of TINY_WORKERS CPU workers unless told otherwise
+    if tiny or cpu:  # CPU workers (a laptop): one node of TINY_WORKERS unless told otherwise
         per_node = _positive("--gpus-per-node", _given(gpus_per_node, tiny_mod.TINY_WORKERS))
         node_range = worker_range("--nodes", _given(nodes, 1))
         use_gpu = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import re
@@ -280,6 +281,7 @@ def _read_yaml(path: Path, what: str) -> dict:
     return data
 
 
+@functools.lru_cache(maxsize=1)
 def _method_fields() -> dict[str, set[str]]:
     """Per handbook method, the fields its TRL config adds to transformers' TrainingArguments."""
     import warnings

@@ -36,6 +36,11 @@ def _accelerate(old, new):
     return make
 
 
+def _folder_named_yaml(t: Path):
+    (t / "dir.yaml").mkdir()
+    return [str(t / "dir.yaml")]
+
+
 def _under_a_file(flag):
     def make(t: Path):
         (t / "a_file").write_text("x")
@@ -94,8 +99,7 @@ CASES = {
     "recipe not utf-8": (_file("latin1.yaml", MID.encode() + "# caf\xe9\n".encode("latin-1")), "is not UTF-8 text"),
     "recipe a yaml list": (_file("list.yaml", "- learning_rate: 1.0e-5\n"), "must be a YAML mapping of keys to values"),
     "recipe not yaml": (_file("broken.yaml", "learning_rate: [1\n"), "is not valid YAML"),
-    "recipe is a folder": (lambda t: [str(t / "dir.yaml")] if (t / "dir.yaml").mkdir() is None else [],
-                           "does not exist; pass a YAML path"),
+    "recipe is a folder": (_folder_named_yaml, "does not exist; pass a YAML path"),
     "accelerate mixed precision": (_accelerate("mixed_precision: bf16", "mixed_precision: fp7"),
                                    "mixed_precision must be one of no, fp8, fp16, bf16, got 'fp7'"),
     "accelerate zero stage": (_accelerate("zero_stage: 3", "zero_stage: 5"), "zero_stage must be 0-3, got 5"),
