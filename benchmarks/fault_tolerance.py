@@ -48,6 +48,17 @@ def _no_token_auth():
         os.environ.pop("RAY_AUTH_MODE", None) if saved is None else os.environ.__setitem__("RAY_AUTH_MODE", saved)
 
 
+def wait_for_no_live_actors(c, timeout: float = 300) -> None:
+    """Until Ray's state API lists no live actor on the cluster (the runs here are its only users)."""
+    from ray.util.state import list_actors
+
+    deadline = time.time() + timeout
+    with _no_token_auth():
+        while live := list_actors(address=c.address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False):
+            assert time.time() < deadline, f"still alive after {timeout}s: {[a.class_name for a in live]}"
+            time.sleep(0.5)
+
+
 def add_node(c):
     """One more 2-CPU "node" (raylet) without token auth, like the rest of the cluster."""
     with _no_token_auth():
@@ -276,7 +287,7 @@ def driver_killed(c, nodes, address, storage, reference):
     run = Run(address, storage, "driver-killed", workers="2")
     run.wait_step(SAVE_EVERY + 3)
     run.kill_driver()
-    time.sleep(5)  # Ray tears down the controller and workers of the dead driver
+    wait_for_no_live_actors(c)  # Ray ends a dead driver's controller and workers; the relaunch starts on a clean cluster
     run.relaunch()
     run.finish()
     return evidence(run, reference)

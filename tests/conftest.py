@@ -15,41 +15,89 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _free_port() -> int:
+    """A port free now, for the one Ray port that cannot be 0 (auto-assigned): the Ray client server's."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _ray(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], capture_output=True, text=True, **kw)
+# Every other port of a test node is 0: Ray binds a free one itself, so nothing else on the machine (another
+# Ray cluster, a benchmark) can take it between our choice and Ray's bind.
+AUTO_PORTS = ("--port=0", "--dashboard-port=0", "--dashboard-agent-listen-port=0", "--dashboard-agent-grpc-port=0",
+              "--metrics-export-port=0", "--runtime-env-agent-port=0")
+
+
+def start_ray_node(args, log: Path, env=None) -> subprocess.Popen:
+    """`ray start ARGS --block` as its own process group: terminating it stops exactly the processes it started.
+    (`ray stop` would stop every Ray cluster of this user on the machine, a user's own or a benchmark's.)"""
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
+                                 *args], stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def stop_ray_node(proc: subprocess.Popen) -> None:
+    proc.terminate()  # the --block process stops what it started
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_until(condition, what: str, proc: subprocess.Popen, log: Path, timeout: float = 300):
+    """Poll `condition()` until it returns something true (returned), the node process ends, or `timeout`."""
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, f"ray start exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:]}"
+        if value := condition():
+            return value
+        assert time.time() < deadline, f"{what}: not within {timeout}s\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+
+
+def start_head(temp: Path, log: Path, *args, env=None) -> tuple[subprocess.Popen, str]:
+    """A head node (2 CPUs, no GPUs, dashboard on loopback) under `temp`; returns (process, GCS address), the
+    address read from the file `ray start` writes once the head is up."""
+    proc = start_ray_node(["--head", "--num-cpus=2", "--num-gpus=0", "--dashboard-host=127.0.0.1",
+                           f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp}", *AUTO_PORTS, *args],
+                          log, env)
+    address_file = temp / "ray_current_cluster"
+    return proc, wait_until(lambda: address_file.exists() and address_file.read_text().strip(), "head up", proc, log)
 
 
 @pytest.fixture(scope="session")
 def ray_address(tmp_path_factory):
     """Address of a running local Ray head (2 CPUs, no GPUs, dashboard on), stopped at the end of the session."""
-    port = _free_port()
-    temp = tmp_path_factory.mktemp("ray")
+    root = tmp_path_factory.mktemp("ray")
     # With its dashboard, as real clusters run: the Jobs API and Ray Train's state queries need it.
-    r = _ray("start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={_free_port()}", f"--temp-dir={temp}", "--disable-usage-stats", timeout=180)
-    assert r.returncode == 0, r.stdout + r.stderr
-    address = f"127.0.0.1:{port}"
+    proc, address = start_head(root / "t", root / "head.log")
     yield address
-    _ray("stop", "--force", timeout=120)
+    stop_ray_node(proc)
 
 
 @pytest.fixture(scope="session")
-def two_nodes(ray_address):
+def two_nodes(ray_address, tmp_path_factory):
     """The session head plus a second raylet (2 CPUs, resource `second_node`): a 2-node cluster on one machine.
-    Stays up for the rest of the session (stopped with the head)."""
+    Stays up for the rest of the session (stopped before the head)."""
     from raytrain_align.launch import token_available
 
     # the head (started without RAY_AUTH_MODE) uses token auth exactly when a token exists; the raylet must match
     auth = {"RAY_AUTH_MODE": "token"} if token_available() and "RAY_AUTH_MODE" not in os.environ else {}
-    r = _ray("start", f"--address={ray_address}", "--num-cpus=2", "--num-gpus=0", '--resources={"second_node": 1}',
-             "--disable-usage-stats", timeout=180, env={**os.environ, **auth})
-    assert r.returncode == 0, r.stdout + r.stderr
+    log = tmp_path_factory.mktemp("raylet") / "raylet.log"
+    proc = start_ray_node([f"--address={ray_address}", "--num-cpus=2", "--num-gpus=0", '--resources={"second_node": 1}',
+                           "--dashboard-agent-listen-port=0", "--dashboard-agent-grpc-port=0", "--metrics-export-port=0",
+                           "--runtime-env-agent-port=0"], log, env={**os.environ, **auth})
+    wait_until(lambda: _has_node_with(ray_address, "second_node", {**os.environ, **auth}), "second raylet joined",
+               proc, log)
     yield ray_address
+    stop_ray_node(proc)
+
+
+def _has_node_with(address: str, resource: str, env) -> bool:
+    """Whether the cluster lists a live node offering `resource` (asked by a short driver, as a user would)."""
+    code = ("import ray; ray.init(address=%r, logging_level='ERROR'); "
+            "raise SystemExit(0 if any(n['Alive'] and %r in n['Resources'] for n in ray.nodes()) else 1)")
+    return subprocess.run([sys.executable, "-c", code % (address, resource)], env=env, capture_output=True).returncode == 0
 
 
 def run_cli(args, env_extra=None, timeout=900):

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import datasets
 import pytest
@@ -181,7 +180,6 @@ def test_cache_reused_and_killed_preparation_leaves_nothing(two_nodes, slow_reci
     assert len(leftovers) == 1 and not leftovers[0].startswith(f".{manifest['key']}")  # its key differs
     assert not (prepared / leftovers[0] / "manifest.json").exists()
 
-    time.sleep(1)
     cleanup = run_cli(["prepare", str(recipe), "--tiny", "--storage", str(storage)], env_extra=env)
     assert cleanup.returncode == 0
     assert "left half-written by a preparation that was killed" in cleanup.stdout
