@@ -1,6 +1,7 @@
 """The plain path: the alignment-handbook's `scripts/sft.py`, reduced to what a packed SFT run does, launched
 with `accelerate launch --config_file recipes/accelerate_configs/zero3.yaml benchmarks/handbook_sft.py RECIPE.yaml`
-(`benchmarks/handbook_dpo.py` runs the same steps with DPOTrainer, like the handbook's `scripts/dpo.py`).
+(`benchmarks/handbook_dpo.py` and `handbook_orpo.py` run the same steps with DPOTrainer and ORPOTrainer, like the
+handbook's `scripts/dpo.py` and `scripts/orpo.py`).
 
 Same steps as the handbook: tokenizer with the recipe's chat_template, model from_pretrained (under
 zero.Init with ZeRO-3, `use_cache=False` when gradient checkpointing), the dataset mixture (local JSON
@@ -30,7 +31,12 @@ def main(path: str, method: str = "sft") -> None:
     from trl import ModelConfig
 
     # DPO: no ref_model, so TRL loads the reference from the same path (under zero.Init with ZeRO-3)
-    config_cls, trainer_cls = (trl.SFTConfig, trl.SFTTrainer) if method == "sft" else (trl.DPOConfig, trl.DPOTrainer)
+    if method == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        config_cls, trainer_cls = ORPOConfig, ORPOTrainer
+    else:
+        config_cls, trainer_cls = (trl.SFTConfig, trl.SFTTrainer) if method == "sft" else (trl.DPOConfig, trl.DPOTrainer)
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from raytrain_align.attention import register
@@ -52,6 +58,8 @@ def main(path: str, method: str = "sft") -> None:
     tok = AutoTokenizer.from_pretrained(model_args["model_name_or_path"])
     if chat_template:
         tok.chat_template = chat_template
+    if method == "orpo" and tok.pad_token is None:  # scripts/orpo.py
+        tok.pad_token = tok.eos_token
     dtype = model_args.get("dtype")
     model = AutoModelForCausalLM.from_pretrained(
         model_args["model_name_or_path"],
@@ -70,6 +78,8 @@ def main(path: str, method: str = "sft") -> None:
         ds = ds.select(range(int(len(ds) * entry.get("weight", 1.0))))
         parts.append(ds)
     train = datasets.concatenate_datasets(parts).shuffle(seed=seed)
+    if method == "orpo" and "messages" in train.column_names:  # scripts/orpo.py
+        train = train.remove_columns("messages")
 
     timer = _timing_callback()
     trainer = trainer_cls(model=model, args=args, train_dataset=train, processing_class=tok, callbacks=[timer])

@@ -32,14 +32,21 @@ def check_gpus(plan: Plan) -> None:
 
 
 def check_gpu_packages(plan: Plan) -> None:
-    """liger-kernel is an optional extra (it needs CUDA and triton); a GPU recipe that asks for it fails here, not
-    after the workers have loaded the model. The driver's environment stands for the cluster's image."""
+    """liger-kernel and bitsandbytes are the optional `gpu` extra (CUDA kernels); a GPU recipe that asks for one
+    fails here, not after the workers have loaded the model. The driver's environment stands for the cluster's image."""
     import importlib.util
 
-    if plan.use_gpu and plan.training.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
+    if not plan.use_gpu:
+        return
+    if plan.training.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
         raise RecipeError(
             f"recipe '{plan.recipe}' sets use_liger_kernel: true and liger-kernel is not installed; "
             "pip install 'raytrain_align[gpu]' on every node, or --set use_liger_kernel=false")
+    optim = str(plan.training.get("optim") or "")
+    if "bnb" in optim and importlib.util.find_spec("bitsandbytes") is None:
+        raise RecipeError(
+            f"recipe '{plan.recipe}' sets optim: {optim} and bitsandbytes is not installed; "
+            "pip install 'raytrain_align[gpu]' on every node, or --set optim=adamw_torch")
 
 
 def check_storage(plan: Plan, output: bool = True) -> None:

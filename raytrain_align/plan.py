@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError
-from .recipe import ACCELERATE_BACKENDS, FSDP2_UNREAD_ENV, Recipe, fsdp2_launch_args
+from .recipe import ACCELERATE_BACKENDS, FSDP2_UNREAD_ENV, RECIPES, Recipe, fsdp2_launch_args
 
 
 @dataclass
@@ -186,9 +186,18 @@ def _positive(name: str, value) -> int:
     return value
 
 
+def default_run_name(recipe: Recipe) -> str:
+    """A registered recipe's name; for a recipe file, the handbook's own name for the run: the last part of its
+    output_dir (data/zephyr-7b-dpo-full), since the handbook names every file config_full.yaml or similar."""
+    if recipe.name in RECIPES:
+        return recipe.name
+    return Path(str(recipe.training.get("output_dir") or "")).name or recipe.name
+
+
 def cpu_only_overrides(model: dict, training: dict, explicit: frozenset[str]) -> dict[str, Any]:
     """What a recipe asks of a GPU that CPU workers cannot do: fp32 instead of bf16/fp16, sdpa instead of
-    flash-attention kernels, no liger-kernel or torch.compile. Shown in the plan; keys the user set stay."""
+    flash-attention kernels, no liger-kernel or torch.compile, torch's AdamW for bitsandbytes' 8-bit optimizers
+    (e.g. the handbook's ORPO recipe). Shown in the plan; keys the user set stay."""
     out: dict[str, Any] = {}
     if training.get("bf16") or training.get("fp16"):
         out.update(bf16=False, fp16=False)
@@ -199,6 +208,8 @@ def cpu_only_overrides(model: dict, training: dict, explicit: frozenset[str]) ->
     for key in ("use_liger_kernel", "torch_compile"):
         if training.get(key):
             out[key] = False
+    if "bnb" in str(training.get("optim") or ""):
+        out["optim"] = "adamw_torch"
     return {k: v for k, v in out.items() if k not in explicit}
 
 
@@ -282,7 +293,7 @@ def build_plan(
     ds_cfg = deepspeed_config_for(env, training, world, gbs) if backend == "deepspeed" else None
     fsdp_cfg = fsdp_config_for(env) if backend == "fsdp" else None
 
-    run_name = training.get("run_name") or recipe.name
+    run_name = training.get("run_name") or default_run_name(recipe)
     if tiny:
         run_name = f"{run_name}-tiny"
     storage_path = storage or ray_cfg.get("storage_path") or os.environ.get("RAYTRAIN_ALIGN_STORAGE") or "~/ray_results"

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 import uuid
 from collections import Counter
@@ -34,9 +35,15 @@ DATA_FIELDS = {
     "sft": ("max_length", "packing", "packing_strategy", "padding_free", "completion_only_loss", "assistant_only_loss",
             "dataset_text_field", "eos_token", "pad_token", "truncation_mode"),
     "dpo": ("max_length", "truncation_mode", "eos_token", "pad_token"),
+    "orpo": ("max_length", "max_completion_length", "padding_value"),
 }
 # What the trainers read from a prepared row (TRL's signature columns).
-OUTPUT_COLUMNS = {"sft": ("input_ids", "labels", "seq_lengths"), "dpo": ("prompt_ids", "chosen_ids", "rejected_ids")}
+OUTPUT_COLUMNS = {
+    "sft": ("input_ids", "labels", "seq_lengths"),
+    "dpo": ("prompt_ids", "chosen_ids", "rejected_ids"),
+    "orpo": ("prompt_input_ids", "prompt_attention_mask", "chosen_input_ids", "chosen_attention_mask", "chosen_labels",
+             "rejected_input_ids", "rejected_attention_mask", "rejected_labels"),
+}
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 EXAMPLES_PER_REASON = 3
 SPLITS = {0: "train", 1: "test"}
@@ -112,7 +119,7 @@ def _text_problem(value, name: str) -> str | None:
 
 def row_problem(row: dict, method: str, assistant_only_loss: bool = False, text_field: str = "text") -> str | None:
     """Why TRL would crash on (or learn nothing from) this row, or None if it is fine."""
-    if method == "dpo":
+    if method in ("dpo", "orpo"):
         if "prompt" in row:  # explicit prompt; without one TRL extracts the shared prefix of chosen/rejected
             if (p := _text_problem(row["prompt"], "prompt")):
                 return p
@@ -164,7 +171,7 @@ class TokenizeActor:
         datasets.logging.set_verbosity_error()
         self.method, self.options, self.out_dir, self.split_rows = method, options, out_dir, split_rows or {}
         self.local_stats = PrepareStats()
-        self.tok = load_tokenizer(tokenizer_path, training)
+        self.tok = load_tokenizer(tokenizer_path, training, method=method)
         fields = {k: training[k] for k in DATA_FIELDS[method] if training.get(k) is not None}
         common = dict(output_dir="/tmp/raytrain_align_prepare", report_to="none", bf16=False, dataset_num_proc=None)
         if method == "sft":
@@ -177,12 +184,18 @@ class TokenizeActor:
                 template = get_training_chat_template(self.tok)
             # SFTTrainer._prepare_dataset reads these three trainer attributes and nothing else.
             self.trainer_view = types.SimpleNamespace(_tokenizer=self.tok, chat_template=template, completion_only_loss=None)
-        else:
+        elif method == "dpo":
             from trl import DPOConfig
 
             self.args = DPOConfig(**common, **fields)
             self.args_untruncated = DPOConfig(**common, **{**fields, "max_length": None})
             self.trainer_view = types.SimpleNamespace(_tokenizer=self.tok)  # all DPOTrainer._prepare_dataset reads
+        else:
+            from .recipe import config_class
+
+            self.args = config_class("orpo")(**common, **fields)
+            self.trainer_view = _orpo_view(self.tok, self.args.max_length, self.args)
+            self.view_untruncated = _orpo_view(self.tok, sys.maxsize, self.args)
 
     # -- TRL's own preparation, in two halves so over-long rows can be seen before TRL truncates them
     def _tokenize(self, ds):
@@ -190,15 +203,25 @@ class TokenizeActor:
             from trl import SFTTrainer
 
             return SFTTrainer._prepare_dataset(self.trainer_view, ds, self.tok, self.args_untruncated, False, None, "train")
+        if self.method == "orpo":  # its truncation is inside tokenize_row: untruncated only to see lengths
+            return _orpo_prepare(ds, self.view_untruncated if self._drops_long() else self.trainer_view)
         from trl import DPOTrainer
 
         return DPOTrainer._prepare_dataset(self.trainer_view, ds, self.tok, self.args_untruncated, "train")
+
+    def _drops_long(self) -> bool:
+        return self.options.get("long_samples") == "drop" and bool(self.args.max_length)
 
     def _finish(self, ds):
         if self.method == "sft":
             from trl import SFTTrainer
 
             return SFTTrainer._prepare_dataset(self.trainer_view, ds, self.tok, self.args, self.args.packing, None, "train")
+        if self.method == "orpo":  # the chat-templated text is still in the rows: TRL's tokenize_row again, truncating
+            ds = ds.map(self.trainer_view.tokenize_row) if self._drops_long() else ds
+            # TRL keeps a pair whose prompt alone fills max_length, with an empty answer: its log-odds is NaN, and
+            # one such pair turns the weights to NaN at the first step. Dropped, counted like other empty rows.
+            return ds.filter(lambda ex: _has_loss_tokens(ex["chosen_labels"]) and _has_loss_tokens(ex["rejected_labels"]))
         if self.args.max_length is not None and self.args.truncation_mode == "keep_start":
             return ds.filter(lambda ex: len(ex["prompt_ids"]) < self.args.max_length)  # TRL's own filter, same rule
         return ds
@@ -206,6 +229,8 @@ class TokenizeActor:
     def _length(self, ex) -> int:
         if self.method == "sft":
             return len(ex["input_ids"])
+        if self.method == "orpo":  # prompt + completion, each
+            return max(len(ex["chosen_input_ids"]), len(ex["rejected_input_ids"]))
         return len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
 
     def __call__(self, batch):
@@ -240,6 +265,8 @@ class TokenizeActor:
             if row is not None and len(examples.setdefault(reason, [])) < EXAMPLES_PER_REASON:
                 examples[reason].append(_short(row))
 
+        if self.method == "orpo" and "messages" in batch.column_names:
+            batch = batch.drop_columns(["messages"])  # the handbook's scripts/orpo.py drops it before ORPOTrainer
         rows = batch.to_pylist()
         aol = bool(getattr(self.args, "assistant_only_loss", False))
         text_field = getattr(self.args, "dataset_text_field", "text")
@@ -269,7 +296,7 @@ class TokenizeActor:
                         drop(reason, {**table.slice(i, 1).to_pylist()[0], "error": str(e).splitlines()[0][:120]})
                 tokenized = datasets.concatenate_datasets(parts) if parts else None
             if tokenized is not None and len(tokenized):
-                if self.options.get("long_samples") == "drop" and self.args.max_length:
+                if self._drops_long():
                     lengths = [self._length(ex) for ex in tokenized]
                     for n in lengths:
                         if n > self.args.max_length:
@@ -294,6 +321,35 @@ class TokenizeActor:
         return pa.table({"split": [split], "rows": [len(rows)], "rows_out": [out.num_rows], "tokens": [tokens],
                          "loss_tokens": [loss_tokens], "drops": [json.dumps(drops)], "examples": [json.dumps(examples)],
                          "node": [ray.get_runtime_context().get_node_id()]})
+
+
+def _has_loss_tokens(labels: list[int]) -> bool:
+    return any(t != -100 for t in labels)
+
+
+def _orpo_view(tok, max_length: int, args):
+    """What ORPOTrainer.tokenize_row reads of its trainer (a decoder-only model), with TRL's own two methods bound
+    to it. The trainer falls back to 512 when max_length is None, and so does this."""
+    import types
+
+    from trl.experimental.orpo import ORPOTrainer
+
+    view = types.SimpleNamespace(
+        processing_class=tok, is_encoder_decoder=False, max_length=max_length if max_length is not None else 512,
+        max_completion_length=args.max_completion_length,
+        padding_value=args.padding_value if args.padding_value is not None else tok.pad_token_id)
+    view.build_tokenized_answer = types.MethodType(ORPOTrainer.build_tokenized_answer, view)
+    view.tokenize_row = types.MethodType(ORPOTrainer.tokenize_row, view)
+    return view
+
+
+def _orpo_prepare(ds, view):
+    """ORPOTrainer.__init__'s own three maps (prompt extraction, chat template, tokenize_row), on one block."""
+    from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt
+
+    ds = ds.map(maybe_extract_prompt)
+    ds = ds.map(maybe_apply_chat_template, fn_kwargs={"processing_class": view.processing_class})
+    return ds.map(view.tokenize_row)
 
 
 def _rows_table(rows: list[dict]):
@@ -354,7 +410,8 @@ class PrepareStats:
                 "nodes": sorted(self.nodes)}
 
 
-def load_tokenizer(path: str, training: dict[str, Any], revision: str | None = None, trust_remote_code: bool = False):
+def load_tokenizer(path: str, training: dict[str, Any], revision: str | None = None, trust_remote_code: bool = False,
+                   method: str | None = None):
     """The tokenizer as the handbook's `get_tokenizer` + TRL's trainers set it up (chat_template, eos/pad token)."""
     from transformers import AutoTokenizer
 
@@ -367,6 +424,8 @@ def load_tokenizer(path: str, training: dict[str, Any], revision: str | None = N
             if value not in tok.get_vocab():
                 raise RecipeError(f"{name} '{value}' is not in the tokenizer's vocabulary; fix {name} in the recipe")
             setattr(tok, name, value)
+    if method == "orpo" and tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # as the handbook's scripts/orpo.py does: its collator pads with it
     if tok.chat_template is None:
         raise RecipeError(f"tokenizer '{path}' has no chat template; set chat_template in the recipe")
     return tok
@@ -415,11 +474,16 @@ def _stats(table, method: str) -> tuple[int, int, int]:
     def total(col):
         return int(pc.sum(pc.list_value_length(table[col])).as_py() or 0)
 
+    def in_loss(col):
+        return int(pc.sum(pc.not_equal(pc.list_flatten(table[col]), -100).cast("int64")).as_py() or 0)
+
     if method == "dpo":
         prompt, chosen, rejected = total("prompt_ids"), total("chosen_ids"), total("rejected_ids")
         return table.num_rows, 2 * prompt + chosen + rejected, chosen + rejected
-    labels = pc.list_flatten(table["labels"])
-    return table.num_rows, total("input_ids"), int(pc.sum(pc.not_equal(labels, -100).cast("int64")).as_py() or 0)
+    if method == "orpo":  # each side holds the prompt too
+        return (table.num_rows, total("chosen_input_ids") + total("rejected_input_ids"),
+                in_loss("chosen_labels") + in_loss("rejected_labels"))
+    return table.num_rows, total("input_ids"), in_loss("labels")
 
 
 def _remove_abandoned(root: Path, log) -> None:

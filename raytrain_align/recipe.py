@@ -54,7 +54,7 @@ RAY_FIELDS: dict[str, Any] = {
 
 # The handbook's training scripts (scripts/sft.py, dpo.py, orpo.py), one per method; its recipes sit in a folder
 # named after the script that trains them. Only these can be trained here:
-SUPPORTED_METHODS = ("sft", "dpo")
+SUPPORTED_METHODS = ("sft", "dpo", "orpo")
 
 # Fields current TRL/transformers renamed: translated with one warning line each, never dropped.
 RENAMED_FIELDS = {
@@ -73,7 +73,7 @@ RENAMED_VALUES = {
 REMOVED_FIELDS = {
     "overwrite_output_dir": "transformers 5 removed it; each run exports into output_dir afresh and checkpoints "
                             "live in Ray storage",
-    "max_prompt_length": "TRL 1.x removed it; DPO truncates prompt+completion to max_length (truncation_mode)",
+    "max_prompt_length": "TRL 1.x removed it; the trainer truncates prompt+completion to max_length",
     "max_completion_length": "TRL 1.x removed it; DPO truncates prompt+completion to max_length (truncation_mode)",
 }
 
@@ -127,8 +127,7 @@ def _config_fields(method: str) -> tuple[dict, dict, dict]:
 
     model = hints(trl.ModelConfig)
     script = {**hints(ScriptArguments), **HANDBOOK_SCRIPT_FIELDS}
-    config_cls = {"sft": trl.SFTConfig, "dpo": trl.DPOConfig}[method]
-    training = {**hints(config_cls), **HANDBOOK_TRAIN_FIELDS}
+    training = {**hints(config_class(method)), **HANDBOOK_TRAIN_FIELDS}
     # ModelConfig and SFTConfig share a few names (e.g. trust_remote_code): both receive them.
     return model, script, training
 
@@ -281,21 +280,27 @@ def _read_yaml(path: Path, what: str) -> dict:
     return data
 
 
+def config_class(method: str):
+    """TRL's config class for a handbook method (the handbook's scripts/<method>.py builds the same one)."""
+    import trl
+
+    if method == "orpo":
+        import warnings
+
+        with warnings.catch_warnings():  # TRL 1.16 keeps ORPO under trl.experimental and warns once on import
+            warnings.simplefilter("ignore")
+            from trl.experimental.orpo import ORPOConfig
+        return ORPOConfig
+    return {"sft": trl.SFTConfig, "dpo": trl.DPOConfig}[method]
+
+
 @functools.lru_cache(maxsize=1)
 def _method_fields() -> dict[str, set[str]]:
     """Per handbook method, the fields its TRL config adds to transformers' TrainingArguments."""
-    import warnings
-
-    import trl
     from transformers import TrainingArguments
 
-    with warnings.catch_warnings():  # "importing from trl.experimental": only its field names are read here
-        warnings.simplefilter("ignore")
-        from trl.experimental.orpo import ORPOConfig
-
     base = {f.name for f in dataclasses.fields(TrainingArguments)}
-    configs = {"sft": trl.SFTConfig, "dpo": trl.DPOConfig, "orpo": ORPOConfig}
-    return {m: {f.name for f in dataclasses.fields(c) if f.init} - base for m, c in configs.items()}
+    return {m: {f.name for f in dataclasses.fields(config_class(m)) if f.init} - base for m in ("sft", "dpo", "orpo")}
 
 
 def fitting_methods(keys: set[str], fields: dict[str, set[str]]) -> list[str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 TINY_WORKERS = 2
+PREFERENCE_METHODS = ("dpo", "orpo")  # trained on chosen/rejected pairs
 TINY_VERSION = "v3"  # bump when the generators change, so cached assets are rebuilt
 MODEL_KEYS = {"model_name_or_path", "dtype", "attn_implementation", "trust_remote_code", "model_revision"}
 SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<unk>"]
@@ -40,6 +41,8 @@ def _family(model_id: str) -> str:
     s = model_id.lower()
     if "smollm3" in s:
         return "smollm3"
+    if "mixtral" in s:
+        return "mixtral"
     if "zephyr" in s or "mistral" in s:
         return "mistral"
     if "qwen" in s:
@@ -74,6 +77,8 @@ def tiny_overrides(recipe) -> dict[str, Any]:
         out["use_liger_kernel"] = False
     if t.get("torch_compile"):
         out["torch_compile"] = False
+    if "bnb" in str(t.get("optim") or ""):
+        out["optim"] = "adamw_torch"  # bitsandbytes' 8-bit AdamW is a GPU kernel
     return out
 
 
@@ -95,14 +100,14 @@ def tiny_script(recipe, assets: Path) -> dict[str, Any]:
 
     mix = recipe.script.get("dataset_mixture")
     entries = mix["datasets"] if mix else [{"id": recipe.script.get("dataset_name"), "weight": 1.0}]
-    tasks = ["preferences"] if recipe.method == "dpo" else ["addition", "capitals"]
+    tasks = ["preferences"] if recipe.method in PREFERENCE_METHODS else ["addition", "capitals"]
     datasets_ = []
     for i, e in enumerate(entries):
         if is_local(e["id"]):
             datasets_.append(dict(e))
             continue
         columns = e.get("columns")
-        if recipe.method == "dpo" and columns and "prompt" not in columns:
+        if recipe.method in PREFERENCE_METHODS and columns and "prompt" not in columns:
             # e.g. ultrafeedback_binarized keeps the user turn inside chosen/rejected; the synthetic pairs
             # have an explicit prompt column, which TRL's DPO preparation needs then
             columns = ["prompt", *columns]
@@ -244,6 +249,8 @@ def build_model_config(family: str, vocab_size: int, max_positions: int = 1024):
         num_key_value_heads=2, max_position_embeddings=max_positions, tie_word_embeddings=True,
         pad_token_id=0, eos_token_id=2, bos_token_id=None,
     )
+    if family == "mixtral":  # a mixture of experts, as Mixtral-8x22B (the handbook's ORPO recipe) is
+        return transformers.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common)
     cls = {"smollm3": "SmolLM3Config", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "llama": "LlamaConfig"}[family]
     return getattr(transformers, cls)(**common)
 

@@ -23,8 +23,12 @@ NOT_TRL_CONFIG = {"chat_template"}
 
 
 def _trainer_and_config(method: str):
-    """TRL's trainer and config class for the method. Both skip TRL's own data preparation: Ray Data ran
-    it already (SFT has a flag for that; DPO has none, so a two-line subclass returns the data as given)."""
+    """TRL's trainer and config class for the method. Each skips TRL's own data preparation: Ray Data ran
+    it already (SFT has a flag for that; DPO and ORPO have none, so a small subclass takes the data as given)."""
+    if method == "orpo":
+        from .recipe import config_class
+
+        return _prepared_orpo_trainer(), config_class("orpo"), {}
     if method == "sft":
         from trl import SFTConfig, SFTTrainer
 
@@ -65,6 +69,23 @@ def _trainer_and_config(method: str):
                     .add_column("ref_rejected_logps", torch.cat(rejected).tolist()))
 
     return PreparedDPOTrainer, DPOConfig, {}
+
+
+def _prepared_orpo_trainer():
+    from trl.experimental.orpo import ORPOTrainer
+
+    class PreparedORPOTrainer(ORPOTrainer):
+        """ORPOTrainer on rows its own `tokenize_row` already produced in Ray Data. It tokenizes inside
+        `__init__`, so it is built on an empty dataset of the raw columns and handed the prepared rows after."""
+
+        def __init__(self, *, train_dataset, eval_dataset=None, **kwargs):
+            import datasets
+
+            raw = datasets.Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
+            super().__init__(train_dataset=raw, eval_dataset=raw if eval_dataset is not None else None, **kwargs)
+            self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+
+    return PreparedORPOTrainer
 
 
 # Warnings that say nothing a user can act on, repeated every step by some libraries.
@@ -485,7 +506,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dtype=getattr(torch, dtype) if dtype not in (None, "auto") else dtype,
         use_cache=not args.gradient_checkpointing,
     )
-    tokenizer = load_tokenizer(m["model_name_or_path"], plan.training, m.get("model_revision"), m.get("trust_remote_code", False))
+    tokenizer = load_tokenizer(m["model_name_or_path"], plan.training, m.get("model_revision"),
+                               m.get("trust_remote_code", False), method=plan.method)
 
     train_dataset = read_prepared(prepared["path"])
     eval_dataset = None
@@ -584,6 +606,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "metrics": metrics,
             "log_history": trainer.state.log_history,
             "facts": facts,
+            "trainer": next(c.__name__ for c in type(trainer).__mro__ if c.__module__.startswith("trl.")),
             "param_checksums": checksums,
             # the sample order of every epoch (elastic.GlobalOrderSampler): what the sample log is checked against
             "data_order": {"rows": len(train_dataset), "global_batch_size": plan.global_batch_size,

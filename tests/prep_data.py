@@ -96,6 +96,15 @@ def preferences(n: int = 40, conversational: bool = True) -> list[dict]:
     return rows
 
 
+def preferences_without_prompt(n: int = 24) -> list[dict]:
+    """Pairs whose chosen and rejected are whole conversations sharing the user turn (the layout of
+    ultrafeedback_binarized and capybara-dpo): the trainers extract the shared prefix as the prompt."""
+    rows = []
+    for r in preferences(n):
+        rows.append({"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]})
+    return rows
+
+
 def bad_rows() -> list[tuple[dict, str]]:
     """(row, the reason it must be dropped with) for SFT conversational data under assistant_only_loss."""
     ok_kwargs = {"enable_thinking": True}

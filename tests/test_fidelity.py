@@ -1,7 +1,7 @@
 """Fidelity: on the same data, seed and world size, raytrain_align (Ray Data preparation + Ray Train workers)
 logs the same first 20 losses as the plain handbook path (`accelerate launch --config_file zero3.yaml`
-running TRL's SFTTrainer / DPOTrainer, which tokenize and pack on their own) with the same DeepSpeed ZeRO-3
-config, on CPU, within 1e-4."""
+running TRL's SFTTrainer / DPOTrainer / ORPOTrainer, which tokenize and pack on their own) with the same DeepSpeed
+ZeRO-3 config, on CPU, within 1e-4. ORPO runs the handbook's own recipe file (zephyr-141b-A35b, a tiny Mixtral)."""
 
 import json
 import os
@@ -25,7 +25,12 @@ def _losses(history):
     return [e["loss"] for e in history if "loss" in e][:STEPS]
 
 
-@pytest.mark.parametrize("recipe, script", [("sft_mid", "handbook_sft.py"), ("dpo_apo_zero", "handbook_dpo.py")])
+HANDBOOK_ORPO = "tests/data/handbook/recipes/zephyr-141b-A35b/orpo/config_full.yaml"
+TRAINERS = {"handbook_sft.py": "SFTTrainer", "handbook_dpo.py": "DPOTrainer", "handbook_orpo.py": "ORPOTrainer"}
+
+
+@pytest.mark.parametrize("recipe, script", [("sft_mid", "handbook_sft.py"), ("dpo_apo_zero", "handbook_dpo.py"),
+                                            (HANDBOOK_ORPO, "handbook_orpo.py")])
 def test_losses_equal_plain_accelerate_launch(ray_address, tmp_path, recipe, script):
     storage, ours = tmp_path / "storage", tmp_path / "ray"
     plan = run_cli(["plan", recipe, "--tiny", "--storage", str(storage), "--output-dir", str(ours), "--json", *SETTINGS])
@@ -52,8 +57,10 @@ def test_losses_equal_plain_accelerate_launch(ray_address, tmp_path, recipe, scr
                   env_extra={"RAY_ADDRESS": ray_address})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
+    summary = json.loads((ours / "raytrain_align_run.json").read_text())
+    assert summary["trainer"] == TRAINERS[script]
     theirs = _losses(json.loads(plain_json.read_text())["log_history"])
-    mine = _losses(json.loads((ours / "raytrain_align_run.json").read_text())["log_history"])
+    mine = _losses(summary["log_history"])
     print("plain accelerate launch:", theirs, "\nraytrain_align:        ", mine)
     assert len(mine) == len(theirs) == STEPS
     assert max(abs(a - b) for a, b in zip(mine, theirs)) <= 1e-4

@@ -243,3 +243,34 @@ def test_dpo_with_fsdp2_sharded_reference(ray_address, storage):
     model = AutoModelForCausalLM.from_pretrained(out)
     total = sum(p.detach().double().sum().item() for p in model.parameters())
     assert total == pytest.approx(sum(s for s, _ in run["param_checksums"].values()), rel=1e-9)
+
+
+HANDBOOK_ORPO = "tests/data/handbook/recipes/zephyr-141b-A35b/orpo/config_full.yaml"
+
+
+@pytest.mark.slow
+def test_handbook_orpo_on_fsdp2_resumes_after_a_killed_worker(ray_address, storage):
+    """The handbook's ORPO recipe file (a tiny Mixtral) with fsdp.yaml, as the handbook trained it: ORPOTrainer on
+    FSDP2-sharded parameters, rank 1 killed after the step-5 checkpoint, resumed from it, finished, exported."""
+    from transformers import AutoModelForCausalLM
+
+    out = storage.parent / "fsdp_orpo"
+    args = [HANDBOOK_ORPO, "--tiny", "--storage", str(storage), "--output-dir", str(out), "--accelerate-config", FSDP_YAML,
+            "--max-failures", "1", "--set", "run_name=fsdp-orpo", *SETTINGS]
+    returncode, log, killed_at, _ = run_killing_rank1(args, ray_address, 2 * SAVE_EVERY - 2)
+    assert returncode == 0 and killed_at is not None, log[-5000:]
+    starts = re.split(r"process group formed at \d\d:\d\d:\d\d", log)
+    assert len(starts) == 3
+    resumed = [int(s) for s in re.findall(r"step +(\d+)/", starts[2])]
+    assert resumed and resumed[0] == SAVE_EVERY + 1, resumed
+
+    run = json.loads((out / "raytrain_align_run.json").read_text())
+    assert run["trainer"] == "ORPOTrainer" and run["prepared"]["method"] == "orpo"
+    _assert_fsdp2_sharded(run["facts"])
+    losses = _losses(run)
+    assert sorted(losses) == list(range(1, STEPS + 1)) and all(loss == loss for loss in losses.values())  # no NaN
+    assert {"log_odds_ratio", "nll_loss"} <= {k for e in run["log_history"] for k in e}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.model_type == "mixtral"
+    total = sum(p.detach().double().sum().item() for p in model.parameters())
+    assert total == pytest.approx(sum(s for s, _ in run["param_checksums"].values()), rel=1e-9)

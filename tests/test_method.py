@@ -37,13 +37,19 @@ def test_keys_decide_when_no_folder_does():
     ("r/sft/x.yaml", {"beta", "loss_type"}, None, "its folder 'sft/' says SFT, but it sets beta, which SFT does not have"),
     ("r/dpo/x.yaml", {"packing"}, "dpo", "ray.method says DPO, but it sets packing"),
     ("r/x.yaml", {"beta"}, "kto", "ray.method is 'kto'; use one of sft, dpo, orpo"),
-    ("r/orpo/x.yaml", {"beta"}, None, "trains ORPO (its folder 'orpo/'), which raytrain_align does not support yet"),
-    ("r/x.yaml", {"beta"}, "orpo", "trains ORPO (ray.method)"),
 ])
 def test_disagreement_or_nothing_deciding_is_one_line_naming_the_choices(path, keys, explicit, expected):
     with pytest.raises(RecipeError) as e:
         decide_method(Path(path), keys, explicit, FIELDS)
     assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_method_the_project_does_not_train_is_one_line():
+    fields = {**FIELDS, "kto": {"desirable_weight", "max_length"}}
+    for path, explicit, why in (("r/kto/x.yaml", None, "its folder 'kto/'"), ("r/x.yaml", "kto", "ray.method")):
+        with pytest.raises(RecipeError) as e:
+            decide_method(Path(path), {"desirable_weight"}, explicit, fields)
+        assert f"trains KTO ({why}), which raytrain_align does not support yet; supported: sft, dpo, orpo" in str(e.value)
 
 
 def test_real_trl_configs_tell_dpo_from_orpo_and_sft():

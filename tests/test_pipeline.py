@@ -77,14 +77,22 @@ def test_rerun_skips_finished_stages(pipeline_run, ray_address):
     assert "Ray workers" not in again.stdout  # nothing trained
 
 
-def test_zephyr_recipes_run_tiny(ray_address, tmp_path):
-    """The zephyr-7b-beta full SFT and DPO recipes, end to end under --tiny (as a two-stage pipeline, few steps)."""
-    proc = run_cli(["pipeline", "zephyr_sft", "zephyr_dpo", "--tiny", "--storage", str(tmp_path / "storage"),
+HANDBOOK = "tests/data/handbook/recipes"
+
+
+def test_handbook_recipe_files_of_each_method_run_tiny(ray_address, tmp_path):
+    """The handbook's own files, verbatim: zephyr-7b-beta full SFT and DPO, then zephyr-141b-A35b ORPO, end to end
+    under --tiny as one pipeline (few steps each), each trained by its method's TRL trainer."""
+    stages = [f"{HANDBOOK}/zephyr-7b-beta/sft/config_full.yaml", f"{HANDBOOK}/zephyr-7b-beta/dpo/config_full.yaml",
+              f"{HANDBOOK}/zephyr-141b-A35b/orpo/config_full.yaml"]
+    proc = run_cli(["pipeline", *stages, "--tiny", "--storage", str(tmp_path / "storage"),
                     "--output-dir", str(tmp_path / "models"), "--set", "max_steps=6"],
                    env_extra={"RAY_ADDRESS": ray_address})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = proc.stdout[proc.stdout.index("pipeline done"):]
     models = [Path(line.split("model", 1)[1].strip()) for line in summary.splitlines() if line.strip().startswith("model ")]
     runs = [json.loads((m / "raytrain_align_run.json").read_text()) for m in models]
-    assert [r["prepared"]["method"] for r in runs] == ["sft", "dpo"] and all(r["metrics"]["step"] == 6 for r in runs)
+    assert [r["prepared"]["method"] for r in runs] == ["sft", "dpo", "orpo"] and all(r["metrics"]["step"] == 6 for r in runs)
+    assert [r["trainer"] for r in runs] == ["SFTTrainer", "DPOTrainer", "ORPOTrainer"]
     assert runs[1]["facts"]["ref_params_partitioned"]
+    assert {"log_odds_ratio", "nll_loss"} <= {k for e in runs[2]["log_history"] for k in e}  # ORPO's own metrics

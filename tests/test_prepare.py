@@ -55,11 +55,15 @@ def trl_prepared(method, rows, tok_dir, model, tmp_path, training):
 
         trainer = SFTTrainer(model=model, args=SFTConfig(shuffle_dataset=False, **common, **fields), train_dataset=ds,
                              processing_class=tok)
-    else:
+    elif method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         trainer = DPOTrainer(model=model, ref_model=None, args=DPOConfig(**common, **fields), train_dataset=ds,
                              processing_class=tok)
+    else:
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        trainer = ORPOTrainer(model=model, args=ORPOConfig(**common, **fields), train_dataset=ds, processing_class=tok)
     return trainer.train_dataset
 
 
@@ -138,6 +142,35 @@ def test_dpo_matches_trl(case, tok_dir, model, tmp_path):
     trl_ds = trl_prepared("dpo", rows, tok_dir, model, tmp_path, training)
     assert len(trl_ds) < len(rows) or case == "plain text"  # the keep_start filter really ran in the first case
     assert_same(trl_ds, table, "dpo")
+
+
+ORPO_CASES = {
+    "conversational, answers truncated to max_length": (prep_data.preferences, {"max_length": 64}),
+    "plain text": (lambda: prep_data.preferences(conversational=False), {"max_length": 80}),
+    "no prompt column: the shared prefix is the prompt": (prep_data.preferences_without_prompt, {"max_length": 512}),
+}
+
+
+@pytest.mark.parametrize("case", list(ORPO_CASES))
+def test_orpo_matches_trl(case, tok_dir, model, tmp_path):
+    """ORPOTrainer tokenizes in its __init__ (tokenize_row): the actor runs those same steps on each block. TRL
+    keeps a pair whose prompt alone fills max_length with an empty answer (NaN log-odds); those are dropped."""
+    make_rows, fields = ORPO_CASES[case]
+    training = {"chat_template": prep_data.THINK_TEMPLATE, **fields}
+    rows = make_rows()
+    table, stats = ours("orpo", rows, tok_dir, training)
+    trl_ds = trl_prepared("orpo", rows, tok_dir, model, tmp_path, training)
+    empty = [i for i, labels in enumerate(trl_ds["chosen_labels"]) if all(t == -100 for t in labels)]
+    assert_same(trl_ds.select([i for i in range(len(trl_ds)) if i not in empty]), table, "orpo")
+    assert stats["drops"] == ({"no_loss_tokens_after_truncation": len(empty)} if empty else {})
+    lengths = [len(x) for x in table.column("chosen_input_ids").to_pylist()]
+    assert max(lengths) <= fields["max_length"]
+    if case.startswith("conversational"):  # truncation really happened, and drop mode drops those rows instead
+        assert empty and fields["max_length"] in lengths
+        dropped, stats = ours("orpo", rows, tok_dir, training, {"long_samples": "drop"})
+        assert stats["drops"]["too_long"] == len(rows) - dropped.num_rows > 0
+        kept = {tuple(r) for r in table.column("chosen_input_ids").to_pylist()}
+        assert {tuple(r) for r in dropped.column("chosen_input_ids").to_pylist()} <= kept
 
 
 def test_bad_rows_are_dropped_and_counted(tok_dir, model, tmp_path):

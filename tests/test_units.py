@@ -90,3 +90,18 @@ def test_job_history_rows_without_a_run_match_no_storage():
     storages = pd.DataFrame({"storage": ["/tmp/s", None]}).storage  # pandas turns the missing one into NaN
     assert [_same_storage(s, "/tmp/s/") for s in storages] == [True, False]
     assert _same_storage("s3://b/runs/", "s3://b/runs") and not _same_storage(None, "/tmp/s")
+
+
+def test_recipe_files_named_alike_get_the_handbook_run_names():
+    """The handbook names most files config_full.yaml: runs take the name from output_dir, so a DPO run in the
+    same storage as the SFT run is not mistaken for it (and re-exported instead of trained)."""
+    from raytrain_align.plan import default_run_name
+    from raytrain_align.recipe import Recipe
+
+    def recipe(name, output_dir=None):
+        return Recipe(name=name, path=None, method="sft", training={"output_dir": output_dir} if output_dir else {})
+
+    assert default_run_name(recipe("config_full", "data/zephyr-7b-sft-full")) == "zephyr-7b-sft-full"
+    assert default_run_name(recipe("config_full", "data/zephyr-7b-dpo-full")) == "zephyr-7b-dpo-full"
+    assert default_run_name(recipe("config_full")) == "config_full"
+    assert default_run_name(recipe("sft_mid", "data/SmolLM3-Mid")) == "sft_mid"  # registered: its own name
