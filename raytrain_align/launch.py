@@ -31,6 +31,15 @@ def check_gpus(plan: Plan) -> None:
             )
 
 
+def check_quantization(plan: Plan) -> None:
+    """The workers load the model unquantized; a QLoRA recipe is refused rather than trained another way."""
+    quantized = [k for k in ("load_in_4bit", "load_in_8bit") if plan.model.get(k)]
+    if quantized:
+        raise RecipeError(
+            f"recipe '{plan.recipe}' sets {quantized[0]}: true (QLoRA), which raytrain_align does not support on Ray "
+            f"workers yet; --set {quantized[0]}=false trains the same LoRA adapters on the unquantized model")
+
+
 def check_gpu_packages(plan: Plan) -> None:
     """liger-kernel and bitsandbytes are the optional `gpu` extra (CUDA kernels); a GPU recipe that asks for one
     fails here, not after the workers have loaded the model. The driver's environment stands for the cluster's image."""
@@ -97,6 +106,7 @@ def run(plan: Plan, log=print):
     from . import export, prepare, tiny
     from .train import train_loop_per_worker
 
+    check_quantization(plan)
     check_gpus(plan)
     check_gpu_packages(plan)
     check_storage(plan)

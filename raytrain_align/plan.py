@@ -197,7 +197,7 @@ def default_run_name(recipe: Recipe) -> str:
 def cpu_only_overrides(model: dict, training: dict, explicit: frozenset[str]) -> dict[str, Any]:
     """What a recipe asks of a GPU that CPU workers cannot do: fp32 instead of bf16/fp16, sdpa instead of
     flash-attention kernels, no liger-kernel or torch.compile, torch's AdamW for bitsandbytes' 8-bit optimizers
-    (e.g. the handbook's ORPO recipe). Shown in the plan; keys the user set stay."""
+    (the handbook's ORPO recipe) and no bitsandbytes quantization (QLoRA). Shown in the plan; keys the user set stay."""
     out: dict[str, Any] = {}
     if training.get("bf16") or training.get("fp16"):
         out.update(bf16=False, fp16=False)
@@ -210,6 +210,9 @@ def cpu_only_overrides(model: dict, training: dict, explicit: frozenset[str]) ->
             out[key] = False
     if "bnb" in str(training.get("optim") or ""):
         out["optim"] = "adamw_torch"
+    for key in ("load_in_4bit", "load_in_8bit"):
+        if model.get(key):
+            out[key] = False
     return {k: v for k, v in out.items() if k not in explicit}
 
 
@@ -380,7 +383,9 @@ def describe(plan: Plan) -> str:
     if mix:
         for d in mix["datasets"]:
             where = d["id"] + (f" [{d.get('config')}]" if d.get("config") else "") + f" split={d.get('split', 'train')}"
-            lines.append(f"data          {where} weight={d.get('weight', 1.0)}")
+            use = "test split (whole)" if d.get("test") else f"weight={d.get('weight', 1.0)}" + \
+                (" (first rows)" if mix.get("take") == "first" else "")
+            lines.append(f"data          {where} {use}")
     elif plan.script.get("dataset_name"):
         lines.append(f"data          {plan.script['dataset_name']}")
     t = plan.training

@@ -452,8 +452,10 @@ def cache_spec(plan, fingerprints: list) -> dict[str, Any]:
     mix = sources.mixture(plan.script)
     return {
         "method": plan.method,
-        "mixture": {"datasets": [{k: e.get(k) for k in ("id", "config", "split", "columns", "weight")} for e in mix["datasets"]],
-                    "seed": mix.get("seed", 0), "test_split_size": mix.get("test_split_size")},
+        "mixture": {"datasets": [{k: e.get(k) for k in ("id", "config", "split", "columns", "weight", "test")}
+                                 for e in mix["datasets"]],
+                    "seed": mix.get("seed", 0), "test_split_size": mix.get("test_split_size"),
+                    "take": mix.get("take", "shuffled")},
         "sources": fingerprints,
         "tokenizer": {"files": _files_hash(plan.model["model_name_or_path"]), "revision": plan.model.get("model_revision")},
         "chat_template": plan.training.get("chat_template"),

@@ -78,8 +78,9 @@ REMOVED_FIELDS = {
 }
 
 # The handbook's `dataset_mixture` entries (alignment.configs.DatasetConfig).
-MIXTURE_KEYS = {"datasets", "seed", "test_split_size"}
-MIXTURE_ENTRY_KEYS = {"id", "config", "split", "columns", "weight"}
+MIXTURE_KEYS = {"datasets", "seed", "test_split_size", "take"}  # take: shuffled (default) | first (older handbook)
+MIXTURE_ENTRY_KEYS = {"id", "config", "split", "columns", "weight", "test"}  # test: true: a whole named test split
+LEGACY_MIXER_KEYS = ("dataset_mixer", "dataset_splits", "dataset_configs")  # the handbook's format before #221
 
 # Fields the handbook adds to TRL's configs.
 HANDBOOK_TRAIN_FIELDS: dict[str, Any] = {"chat_template": str | None}
@@ -204,6 +205,27 @@ VALUE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
 ]
 
 
+def translate_dataset_mixer(where: str, raw: dict) -> dict:
+    """The older `dataset_mixer: {id: fraction}` + `dataset_splits` (+ `dataset_configs`) as a dataset_mixture
+    that keeps what alignment.data.mix_datasets did: each split named train_* trains on the first
+    int(fraction x rows) rows, each test_* split is the test set whole, both shuffled with seed 42."""
+    if "dataset_mixture" in raw:
+        raise RecipeError(f"{where}: both dataset_mixture and the older dataset_mixer are set; keep only dataset_mixture")
+    mixer, splits = raw.get("dataset_mixer"), raw.get("dataset_splits") or ["train", "test"]
+    configs = raw.get("dataset_configs") or [None] * len(mixer or {})
+    if not isinstance(mixer, dict) or not mixer or not isinstance(splits, list) or len(configs) != len(mixer):
+        raise RecipeError(f"{where}: dataset_mixer must map dataset ids to fractions, dataset_splits list split names, "
+                          "and dataset_configs (if set) name one config per dataset")
+    entries = []
+    for (dataset, fraction), config in zip(mixer.items(), configs):
+        for split in splits:
+            if "train" not in split and "test" not in split:
+                raise RecipeError(f"{where}: dataset_splits entry '{split}' names neither a train nor a test split")
+            entry = {"id": dataset, "config": config, "split": split}
+            entries.append({**entry, "weight": fraction} if "train" in split else {**entry, "test": True})
+    return {"datasets": entries, "seed": 42, "take": "first"}
+
+
 def _check_values(where: str, values: dict[str, Any]) -> None:
     """One error line per value out of range, non-finite numbers (YAML's .nan / .inf) included."""
     for keys, ok, what in VALUE_RULES:
@@ -234,6 +256,15 @@ def _check_mixture(where: str, mixture) -> None:
         w = entry.get("weight", 1.0)
         if w is not None and not (_number(w) and w >= 0):
             raise RecipeError(f"{where}: dataset_mixture.datasets[{i}].weight must be a finite number >= 0, got {w!r}")
+        if entry.get("test") not in (None, True, False):
+            raise RecipeError(f"{where}: dataset_mixture.datasets[{i}].test must be true or false, got {entry['test']!r}")
+    tests = [e for e in mixture["datasets"] if e.get("test")]
+    if tests and mixture.get("test_split_size") is not None:
+        raise RecipeError(f"{where}: dataset_mixture has test entries and a test_split_size; keep one way to get a test split")
+    if len(tests) == len(mixture["datasets"]):
+        raise RecipeError(f"{where}: every dataset_mixture entry is a test split; add one to train on")
+    if mixture.get("take", "shuffled") not in ("shuffled", "first"):
+        raise RecipeError(f"{where}: dataset_mixture.take must be 'shuffled' or 'first', got {mixture['take']!r}")
     seed = mixture.get("seed", 0)
     if not _integer(seed) or not 0 <= seed < 2**32:
         raise RecipeError(f"{where}: dataset_mixture.seed must be an integer in [0, 2**32), got {seed!r}")
@@ -368,7 +399,7 @@ def _apply_overrides(raw: dict, overrides: dict[str, Any], known: set[str], sour
             raw.setdefault("ray", {})[rest] = value
         elif head == "dataset_mixture" and rest:
             if rest not in MIXTURE_KEYS - {"datasets"}:
-                raise RecipeError(f"{source} 'dataset_mixture.{rest}' is unknown; only seed and test_split_size can be set")
+                raise RecipeError(f"{source} 'dataset_mixture.{rest}' is unknown; only seed, test_split_size and take can be set")
             raw.setdefault("dataset_mixture", {})[rest] = value
         elif rest:
             raise RecipeError(f"{source} '{key}': only ray.* and dataset_mixture.* keys take a dot")
@@ -398,6 +429,14 @@ def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None, acce
 
     recipe = Recipe(name=name, path=path.resolve(), method=method)
     where = f"recipe '{path}'"
+    if any(k in raw for k in LEGACY_MIXER_KEYS):
+        raw["dataset_mixture"] = translate_dataset_mixer(where, raw)
+        recipe.warnings.append(
+            f"warning: {', '.join(repr(k) for k in LEGACY_MIXER_KEYS if k in raw)}: the handbook's older mixture format; "
+            "translated to dataset_mixture with its behaviour (first rows of each dataset, shuffle seed 42, the test "
+            "splits whole); the older scripts' column selection is not applied, select columns if the data needs it")
+        for k in LEGACY_MIXER_KEYS:
+            raw.pop(k, None)
     for old, new in RENAMED_FIELDS.items():
         if old in raw and new in known:
             if new in raw:

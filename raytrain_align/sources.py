@@ -286,6 +286,13 @@ def weighted_ids(n: int, weight: float | None, seed: int) -> np.ndarray:
     return np.concatenate([np.tile(np.arange(n), copies), remainder])
 
 
+def first_ids(n: int, weight: float | None) -> np.ndarray:
+    """Rows of one entry as the handbook's older `dataset_mixer` took them: the first int(n x weight), unshuffled
+    (whole copies first for weight > 1)."""
+    k = n if weight is None else int(n * weight)
+    return np.concatenate([np.tile(np.arange(n), k // n if n else 0), np.arange(k - (k // n) * n if n else 0)])
+
+
 def split_sizes(n: int, test_size) -> tuple[int, int]:
     """(n_train, n_test) as `train_test_split` computes them; bad sizes refused like it does, in one line."""
     if isinstance(test_size, float):
@@ -301,16 +308,23 @@ def split_sizes(n: int, test_size) -> tuple[int, int]:
     return n - n_test, n_test
 
 
-def order(rows_per_entry: list[int], weights: list[float | None], seed: int, test_size=None) -> Order:
-    """The handbook's mixture order from row counts alone: per entry shuffle(seed) and keep int(len x weight),
-    concatenate, shuffle(seed), then train_test_split(test_size, seed) — the permutations `datasets` draws."""
+def order(rows_per_entry: list[int], weights: list[float | None], seed: int, test_size=None, take: str = "shuffled",
+          test_entries: tuple[int, ...] = ()) -> Order:
+    """The handbook's mixture order from row counts alone: per entry shuffle(seed) and keep int(len x weight)
+    (`take: first`, the older dataset_mixer: the first rows, unshuffled), concatenate, shuffle(seed), then
+    train_test_split(test_size, seed) — the permutations `datasets` draws. Entries in `test_entries` are the test
+    split instead, whole (the older mixer's named test splits), concatenated and shuffled(seed)."""
     offsets = np.concatenate([[0], np.cumsum(rows_per_entry)]).astype(np.int64)
-    parts = [weighted_ids(n, w, seed) + offsets[i] for i, (n, w) in enumerate(zip(rows_per_entry, weights))]
+    pick = (lambda n, w: weighted_ids(n, w, seed)) if take == "shuffled" else first_ids
+    parts = [pick(n, w) + offsets[i] for i, (n, w) in enumerate(zip(rows_per_entry, weights)) if i not in test_entries]
     combined = np.concatenate(parts) if parts else np.arange(0)
     if len(combined):
         combined = combined[_permutation(len(combined), seed)]
     test = None
-    if test_size is not None:
+    if test_entries:
+        test = np.concatenate([np.arange(rows_per_entry[i]) + offsets[i] for i in test_entries])
+        test = test[_permutation(len(test), seed)]
+    elif test_size is not None:
         n_train, n_test = split_sizes(len(combined), test_size)
         perm = _permutation(len(combined), seed)
         combined, test = combined[perm[n_test:n_test + n_train]], combined[perm[:n_test]]
@@ -318,8 +332,9 @@ def order(rows_per_entry: list[int], weights: list[float | None], seed: int, tes
 
 
 def mixture_order(sources: list[Source], mix: dict) -> Order:
-    seed = mix.get("seed", 0)
-    return order([s.rows for s in sources], [s.entry.get("weight") for s in sources], seed, mix.get("test_split_size"))
+    tests = tuple(i for i, s in enumerate(sources) if s.entry.get("test"))
+    return order([s.rows for s in sources], [None if s.entry.get("test") else s.entry.get("weight") for s in sources],
+                 mix.get("seed", 0), mix.get("test_split_size"), mix.get("take", "shuffled"), tests)
 
 
 # ------------------------------------------------------------------------------------------------ reading

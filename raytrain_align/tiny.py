@@ -19,7 +19,8 @@ from typing import Any
 TINY_WORKERS = 2
 PREFERENCE_METHODS = ("dpo", "orpo")  # trained on chosen/rejected pairs
 TINY_VERSION = "v3"  # bump when the generators change, so cached assets are rebuilt
-MODEL_KEYS = {"model_name_or_path", "dtype", "attn_implementation", "trust_remote_code", "model_revision"}
+MODEL_KEYS = {"model_name_or_path", "dtype", "attn_implementation", "trust_remote_code", "model_revision",
+              "load_in_4bit", "load_in_8bit"}
 SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<unk>"]
 
 # ChatML with {% generation %} markers, so assistant_only_loss works with the tiny tokenizer too.
@@ -71,6 +72,9 @@ def tiny_overrides(recipe) -> dict[str, Any]:
     if recipe.method == "dpo":
         out["padding_free"] = False  # needs flash-attention kernels the CPU does not have
         out["num_train_epochs"] = max(2.0, out["num_train_epochs"])  # one pass is 113 steps: too few from scratch
+    for key in ("load_in_4bit", "load_in_8bit"):
+        if recipe.model.get(key):
+            out[key] = False  # bitsandbytes quantization (QLoRA) is a GPU kernel; the LoRA adapters stay
     if recipe.model.get("model_revision"):
         out["model_revision"] = "main"  # the tiny model is a local folder without the recipe's revisions
     if t.get("use_liger_kernel"):
@@ -107,6 +111,10 @@ def tiny_script(recipe, assets: Path) -> dict[str, Any]:
             datasets_.append(dict(e))
             continue
         columns = e.get("columns")
+        if e.get("test"):  # a named test split: the held-out file of the same kind
+            held_out = "eval_pairs.jsonl" if recipe.method in PREFERENCE_METHODS else "eval.jsonl"
+            datasets_.append({"id": str(assets / held_out), "split": "train", "columns": columns, "test": True})
+            continue
         if recipe.method in PREFERENCE_METHODS and columns and "prompt" not in columns:
             # e.g. ultrafeedback_binarized keeps the user turn inside chosen/rejected; the synthetic pairs
             # have an explicit prompt column, which TRL's DPO preparation needs then
@@ -115,7 +123,7 @@ def tiny_script(recipe, assets: Path) -> dict[str, Any]:
             {"id": str(assets / "data" / f"{tasks[i % len(tasks)]}.jsonl"), "split": "train",
              "columns": columns, "weight": e.get("weight", 1.0)}
         )
-    synthetic = [d for d, e in zip(datasets_, entries) if not is_local(e["id"])]
+    synthetic = [d for d, e in zip(datasets_, entries) if not is_local(e["id"]) and not e.get("test")]
     total = sum(d["weight"] or 1.0 for d in synthetic)
     if total > TINY_MAX_COPIES:  # e.g. the 25-split multi-task mixture: keep its proportions, not its size
         for d in synthetic:
@@ -124,7 +132,10 @@ def tiny_script(recipe, assets: Path) -> dict[str, Any]:
     test = mix.get("test_split_size") if mix else None
     if isinstance(test, int) and not isinstance(test, bool) and test >= 1:
         test = 0.05  # an absolute count sized for the real data (e.g. 2000) would exceed the tiny files
-    return {"dataset_mixture": {"datasets": datasets_, "seed": seed, "test_split_size": test}}
+    out = {"datasets": datasets_, "seed": seed, "test_split_size": test}
+    if mix and mix.get("take"):
+        out["take"] = mix["take"]
+    return {"dataset_mixture": out}
 
 
 # --------------------------------------------------------------------------------------------- generators

@@ -40,3 +40,20 @@ def mixture(mix: dict):
         return combined, None
     split = combined.train_test_split(test_size=mix["test_split_size"], seed=seed)
     return split["train"], split["test"]
+
+
+def legacy_mixer(mixer: dict, splits: list[str], configs: list | None = None):
+    """The handbook's older `mix_datasets` (alignment/data.py before #221), shuffle on: per dataset and split the
+    first int(fraction x len) rows of each train split and the whole of each test split, each concatenated and
+    shuffled with seed 42. Returns (train, test or None)."""
+    configs = configs or [None] * len(mixer)
+    train, test = [], []
+    for (dataset, frac), config in zip(mixer.items(), configs):
+        for split in splits:
+            ds = load({"id": dataset, "config": config, "split": split})
+            if "train" in split:
+                train.append(ds.select(range(int(frac * len(ds)))))
+            else:
+                test.append(ds)
+    train_ds = datasets.concatenate_datasets(train).shuffle(seed=42)
+    return train_ds, datasets.concatenate_datasets(test).shuffle(seed=42) if test else None

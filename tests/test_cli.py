@@ -130,29 +130,16 @@ HANDBOOK_DIR = REPO / "tests" / "data" / "handbook"
 HANDBOOK = sorted(HANDBOOK_DIR.rglob("*.yaml"))
 
 
-LEGACY_MIXER = pytest.mark.xfail(strict=True, reason="the handbook's older dataset_mixer/dataset_splits format with a "
-                                  "named test split is not translated yet (issue 17)")
-
-
-@pytest.mark.parametrize("path", [pytest.param(p, marks=LEGACY_MIXER) if "dataset_mixer:" in p.read_text() else p
-                                  for p in HANDBOOK], ids=[str(p.relative_to(HANDBOOK_DIR / "recipes")) for p in HANDBOOK])
+@pytest.mark.parametrize("path", HANDBOOK, ids=[str(p.relative_to(HANDBOOK_DIR / "recipes")) for p in HANDBOOK])
 def test_handbook_recipe_files_load_unchanged(path, capsys):
     """The handbook's own recipe files (copied verbatim into tests/data/handbook, under their handbook paths):
     each plans as the method its folder names, and every key is either used (in the plan) or named in a warning
-    line with its replacement; nothing is dropped silently. A method not supported yet is one error line."""
+    line with its replacement (the older dataset_mixer format too); nothing is dropped silently."""
     import yaml
-
-    from raytrain_align.recipe import SUPPORTED_METHODS
 
     method = path.parent.name
     code = cli.main(["plan", str(path), "--json"])
     cap = capsys.readouterr()
-    if method not in SUPPORTED_METHODS:
-        assert code == 2 and cap.out == ""
-        assert cap.err.strip().splitlines() == [
-            f"error: recipe '{path}' trains {method.upper()} (its folder '{method}/'), which raytrain_align does not "
-            f"support yet; supported: {', '.join(SUPPORTED_METHODS)}"]
-        return
     assert code == 0, cap.err
     plan = json.loads(cap.out)
     assert plan["method"] == method

@@ -107,6 +107,23 @@ def test_hub_layout_rows_equal_datasets(hub, tmp_path, monkeypatch):
     assert test == ref_test.to_list()
 
 
+def test_older_dataset_mixer_translation_keeps_its_rows_and_order(tmp_path):
+    """The handbook's older `dataset_mixer` + `dataset_splits` (zephyr-7b-beta/dpo/config_qlora.yaml's format),
+    translated by the recipe loader: the same train and test rows in the same order as its `mix_datasets`."""
+    from raytrain_align.recipe import translate_dataset_mixer
+
+    root = hub_tree(tmp_path / "ultrafeedback-like", "default", {"train_prefs": 50, "test_prefs": 12, "train_sft": 31})
+    other = hub_tree(tmp_path / "other", "default", {"train_prefs": 20, "test_prefs": 6})
+    raw = {"dataset_mixer": {root: 0.6, other: 1.0}, "dataset_splits": ["train_prefs", "test_prefs"],
+           "dataset_configs": ["default", "default"]}
+    mix = translate_dataset_mixer("recipe", raw)
+    srcs = sources.resolve(mix["datasets"])
+    train, test = rows_in_order(srcs, sources.mixture_order(srcs, mix))
+    ref_train, ref_test = handbook_mixture.legacy_mixer(raw["dataset_mixer"], raw["dataset_splits"], raw["dataset_configs"])
+    assert len(train) == 30 + 20 and len(test) == 12 + 6
+    assert train == ref_train.to_list() and test == ref_test.to_list()
+
+
 def test_hub_id_from_local_hub_cache(tmp_path, monkeypatch):
     """A Hub id resolves, offline, to the snapshot the Hub cache holds (as `huggingface-cli download` leaves it)."""
     from huggingface_hub import constants
