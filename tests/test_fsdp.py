@@ -251,12 +251,13 @@ HANDBOOK_ORPO = "tests/data/handbook/recipes/zephyr-141b-A35b/orpo/config_full.y
 @pytest.mark.slow
 def test_handbook_orpo_on_fsdp2_resumes_after_a_killed_worker(ray_address, storage):
     """The handbook's ORPO recipe file (a tiny Mixtral) with fsdp.yaml, as the handbook trained it: ORPOTrainer on
-    FSDP2-sharded parameters, rank 1 killed after the step-5 checkpoint, resumed from it, finished, exported."""
+    FSDP2-sharded parameters, rank 1 killed after the step-5 checkpoint, resumed from it, finished, exported. (The
+    recipe says save_strategy: "no", under which a restart starts from step 0; checkpoints are switched on here.)"""
     from transformers import AutoModelForCausalLM
 
     out = storage.parent / "fsdp_orpo"
     args = [HANDBOOK_ORPO, "--tiny", "--storage", str(storage), "--output-dir", str(out), "--accelerate-config", FSDP_YAML,
-            "--max-failures", "1", "--set", "run_name=fsdp-orpo", *SETTINGS]
+            "--max-failures", "1", "--set", "run_name=fsdp-orpo", "--set", "save_strategy=steps", *SETTINGS]
     returncode, log, killed_at, _ = run_killing_rank1(args, ray_address, 2 * SAVE_EVERY - 2)
     assert returncode == 0 and killed_at is not None, log[-5000:]
     starts = re.split(r"process group formed at \d\d:\d\d:\d\d", log)

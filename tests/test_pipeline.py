@@ -86,7 +86,7 @@ def test_handbook_recipe_files_of_each_method_run_tiny(ray_address, tmp_path):
     stages = [f"{HANDBOOK}/zephyr-7b-beta/sft/config_full.yaml", f"{HANDBOOK}/zephyr-7b-beta/dpo/config_full.yaml",
               f"{HANDBOOK}/zephyr-141b-A35b/orpo/config_full.yaml"]
     proc = run_cli(["pipeline", *stages, "--tiny", "--storage", str(tmp_path / "storage"),
-                    "--output-dir", str(tmp_path / "models"), "--set", "max_steps=6"],
+                    "--output-dir", str(tmp_path / "models"), "--set", "max_steps=6", "--set", "logging_steps=2"],
                    env_extra={"RAY_ADDRESS": ray_address})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = proc.stdout[proc.stdout.index("pipeline done"):]
