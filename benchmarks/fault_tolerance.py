@@ -48,14 +48,22 @@ def _no_token_auth():
         os.environ.pop("RAY_AUTH_MODE", None) if saved is None else os.environ.__setitem__("RAY_AUTH_MODE", saved)
 
 
-def wait_for_no_live_actors(c, timeout: float = 300) -> None:
-    """Until Ray's state API lists no live actor on the cluster (the runs here are its only users)."""
-    from ray.util.state import list_actors
+def wait_until_idle(address: str, timeout: float = 300) -> None:
+    """Until Ray's state API lists no live actor and no placement group on the cluster (the runs here are its only
+    users): the previous run's controller and workers are gone and their resources free, so an elastic run
+    starts at the size the whole cluster allows, not at what a slow cleanup left over."""
+    from ray.util.state import list_actors, list_placement_groups
 
     deadline = time.time() + timeout
     with _no_token_auth():
-        while live := list_actors(address=c.address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False):
-            assert time.time() < deadline, f"still alive after {timeout}s: {[a.class_name for a in live]}"
+        while True:
+            busy = [a.class_name for a in list_actors(address=address, filters=[("state", "=", "ALIVE")],
+                                                      raise_on_missing_output=False)]
+            busy += [f"placement group {g.placement_group_id[:8]} ({g.state})" for g in list_placement_groups(
+                address=address, raise_on_missing_output=False) if g.state != "REMOVED"]
+            if not busy:
+                return
+            assert time.time() < deadline, f"cluster still busy after {timeout}s: {busy}"
             time.sleep(0.5)
 
 
@@ -90,7 +98,7 @@ class Run:
 
     def __init__(self, address: str, storage: Path, name: str, workers: str = "2:4", env: dict | None = None,
                  extra: tuple[str, ...] = ()):
-        self.name, self.storage, self.out = name, storage, storage.parent / f"out-{name}"
+        self.name, self.storage, self.out, self.address = name, storage, storage.parent / f"out-{name}", address
         self.cmd = [sys.executable, "-m", "raytrain_align", "sft_mid", "--tiny", "--storage", str(storage),
                     "--output-dir", str(self.out), "--num-workers", workers, "--max-failures", "3",
                     "--set", f"run_name={name}", "--set", f"max_steps={STEPS}", "--set", f"save_steps={SAVE_EVERY}",
@@ -102,6 +110,7 @@ class Run:
         self._start()
 
     def _start(self):
+        wait_until_idle(self.address)  # a relaunch too: Ray ends a dead driver's controller and workers first
         self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self._q: queue.Queue = queue.Queue()
@@ -287,7 +296,6 @@ def driver_killed(c, nodes, address, storage, reference):
     run = Run(address, storage, "driver-killed", workers="2")
     run.wait_step(SAVE_EVERY + 3)
     run.kill_driver()
-    wait_for_no_live_actors(c)  # Ray ends a dead driver's controller and workers; the relaunch starts on a clean cluster
     run.relaunch()
     run.finish()
     return evidence(run, reference)
