@@ -32,12 +32,13 @@ def check_gpus(plan: Plan) -> None:
 
 
 def check_quantization(plan: Plan) -> None:
-    """The workers load the model unquantized; a QLoRA recipe is refused rather than trained another way."""
+    """QLoRA runs on data-parallel workers, as the handbook runs it (multi_gpu.yaml); bitsandbytes' quantized
+    weights cannot be sharded by ZeRO-3 or FSDP here, so those are refused rather than trained another way."""
     quantized = [k for k in ("load_in_4bit", "load_in_8bit") if plan.model.get(k)]
-    if quantized:
+    if quantized and plan.backend != "ddp":
         raise RecipeError(
-            f"recipe '{plan.recipe}' sets {quantized[0]}: true (QLoRA), which raytrain_align does not support on Ray "
-            f"workers yet; --set {quantized[0]}=false trains the same LoRA adapters on the unquantized model")
+            f"recipe '{plan.recipe}' sets {quantized[0]}: true (QLoRA), which runs on data-parallel workers only; pass "
+            f"--accelerate-config recipes/accelerate_configs/ddp.yaml (or --set {quantized[0]}=false for {plan.backend})")
 
 
 def check_gpu_packages(plan: Plan) -> None:
@@ -52,10 +53,12 @@ def check_gpu_packages(plan: Plan) -> None:
             f"recipe '{plan.recipe}' sets use_liger_kernel: true and liger-kernel is not installed; "
             "pip install 'raytrain_align[gpu]' on every node, or --set use_liger_kernel=false")
     optim = str(plan.training.get("optim") or "")
-    if "bnb" in optim and importlib.util.find_spec("bitsandbytes") is None:
+    wants = [f"optim: {optim}"] if "bnb" in optim else []
+    wants += [f"{k}: true" for k in ("load_in_4bit", "load_in_8bit") if plan.model.get(k)]
+    if wants and importlib.util.find_spec("bitsandbytes") is None:
         raise RecipeError(
-            f"recipe '{plan.recipe}' sets optim: {optim} and bitsandbytes is not installed; "
-            "pip install 'raytrain_align[gpu]' on every node, or --set optim=adamw_torch")
+            f"recipe '{plan.recipe}' sets {wants[0]} and bitsandbytes is not installed; "
+            "pip install 'raytrain_align[gpu]' on every node")
 
 
 def check_storage(plan: Plan, output: bool = True) -> None:

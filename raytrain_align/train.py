@@ -324,6 +324,18 @@ def _last_logs(history: list[dict]) -> dict[str, float]:
     return out
 
 
+def _quantized_load(model_fields: dict[str, Any]) -> dict[str, Any]:
+    """QLoRA (load_in_4bit / load_in_8bit, DDP workers only): TRL's own BitsAndBytesConfig from the handbook's model
+    fields, the quantized weights placed on this worker's GPU as the handbook's get_model places them."""
+    if not (model_fields.get("load_in_4bit") or model_fields.get("load_in_8bit")):
+        return {}
+    import torch
+    from trl import ModelConfig, get_quantization_config
+
+    return {"quantization_config": get_quantization_config(ModelConfig(**model_fields)),
+            "device_map": {"": torch.cuda.current_device()}}
+
+
 def _peft_config(model_fields: dict[str, Any]):
     """The handbook's ModelConfig LoRA fields (`use_peft`, `lora_r`, ...) -> TRL's own `get_peft_config`."""
     from dataclasses import fields
@@ -505,6 +517,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         attn_implementation=m.get("attn_implementation"),
         dtype=getattr(torch, dtype) if dtype not in (None, "auto") else dtype,
         use_cache=not args.gradient_checkpointing,
+        **_quantized_load(m),
     )
     tokenizer = load_tokenizer(m["model_name_or_path"], plan.training, m.get("model_revision"),
                                m.get("trust_remote_code", False), method=plan.method)
@@ -585,6 +598,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         elastic.heartbeat(es.logs, es.attempt, trainer.state.global_step)
     facts = _fsdp_facts(trainer) if plan.backend == "fsdp" else _zero_facts(trainer)
+    facts["quantized_linear_layers"] = sum("Linear4bit" in type(mod).__name__ or "Linear8bitLt" in type(mod).__name__
+                                           for mod in trainer.model.modules())  # QLoRA: bitsandbytes layers
     checksums = _param_checksums(trainer.model) if plan.backend == "fsdp" else {}
 
     # Export a Hugging Face model: with zero3_save_16bit_model the full weights are gathered to rank 0. FSDP2:

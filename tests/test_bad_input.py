@@ -95,8 +95,9 @@ CASES = {
                              "dataset_mixture.take must be 'shuffled' or 'first', got 'random'"),
     "mixture and the older mixer": (_file("both.yaml", MID + "dataset_mixer:\n  some/dataset: 1.0\n"),
                                     "both dataset_mixture and the older dataset_mixer are set"),
-    "qlora on ray workers": (_file("qlora.yaml", MID + "use_peft: true\nload_in_4bit: true\n"),
-                             "sets load_in_4bit: true (QLoRA), which raytrain_align does not support"),
+    "qlora under zero-3": (_file("qlora.yaml", MID + "use_peft: true\nload_in_4bit: true\n"),
+                           "sets load_in_4bit: true (QLoRA), which runs on data-parallel workers only; pass "
+                           "--accelerate-config recipes/accelerate_configs/ddp.yaml"),
     "mixture weight nan": (_file("w.yaml", MID.replace("weight: 1.0", "weight: .nan", 1)),
                            "weight must be a finite number >= 0, got nan"),
     "nodes zero": (lambda t: ["sft_mid", "--nodes", "0"], "need 1 <= MIN <= MAX"),
