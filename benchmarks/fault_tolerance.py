@@ -49,16 +49,17 @@ def _no_token_auth():
 
 
 def wait_until_idle(address: str, timeout: float = 300) -> None:
-    """Until Ray's state API lists no live actor and no placement group on the cluster (the runs here are its only
-    users): the previous run's controller and workers are gone and their resources free, so an elastic run
-    starts at the size the whole cluster allows, not at what a slow cleanup left over."""
+    """Until Ray's state API lists no live actor of a run and no placement group on the cluster (the runs here are
+    its only users; detached actors, such as Ray Data's statistics actor, live as long as the cluster): the previous
+    run's controller and workers are gone and their resources free, so an elastic run starts at the size the
+    whole cluster allows, not at what a slow cleanup left over."""
     from ray.util.state import list_actors, list_placement_groups
 
     deadline = time.time() + timeout
     with _no_token_auth():
         while True:
-            busy = [a.class_name for a in list_actors(address=address, filters=[("state", "=", "ALIVE")],
-                                                      raise_on_missing_output=False)]
+            busy = [a.class_name for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True,
+                                                      raise_on_missing_output=False) if not a.is_detached]
             busy += [f"placement group {g.placement_group_id[:8]} ({g.state})" for g in list_placement_groups(
                 address=address, raise_on_missing_output=False) if g.state != "REMOVED"]
             if not busy:
