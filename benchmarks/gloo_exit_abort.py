@@ -2,8 +2,9 @@
 
 A rank that exits with collectives still queued on its gloo process group, as ZeRO-3's prefetching all-gathers
 can be, leaves those works to gloo's worker threads. If the interpreter is already finalizing when a worker
-thread drops a work's tensors, that thread needs the GIL, Python ends it with pthread_exit, and the forced
-unwind through C++ code that may not throw ends in `terminate called without an active exception` (exit -6).
+thread drops a work's tensors, that thread needs the GIL and the process aborts with `terminate called without
+an active exception` (exit -6); the mechanism as PyTorch's maintainers describe it in pytorch/pytorch#179291
+(and #190489 for the message). This script shows the effect and the cure, not the stack.
 Destroying the process group while the interpreter is alive (`torch.distributed.destroy_process_group()`,
 which accelerate's `end_training()` calls) finishes and frees those works first.
 
