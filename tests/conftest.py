@@ -21,8 +21,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# Every other port of a test node is 0: Ray binds a free one itself, so nothing else on the machine (another
-# Ray cluster, a benchmark) can take it between our choice and Ray's bind.
+# Ports given as 0: Ray binds a free one itself, so nothing else on the machine (another Ray cluster, a benchmark)
+# can take it between our choice and Ray's bind (the Jobs tests' head). The session head below still uses
+# `ray start` + `ray stop`: started like the Jobs head, Ray Data placed its actors on one of its two nodes only.
 AUTO_PORTS = ("--port=0", "--dashboard-port=0", "--dashboard-agent-listen-port=0", "--dashboard-agent-grpc-port=0",
               "--metrics-export-port=0", "--runtime-env-agent-port=0")
 
@@ -57,47 +58,43 @@ def wait_until(condition, what: str, proc: subprocess.Popen, log: Path, timeout:
 
 def start_head(temp: Path, log: Path, *args, env=None) -> tuple[subprocess.Popen, str]:
     """A head node (2 CPUs, no GPUs, dashboard on loopback) under `temp`; returns (process, GCS address), the
-    address read from the file `ray start` writes once the head is up."""
+    address read from the file `ray start` writes once the head is up. ARGS add ports (AUTO_PORTS, or some)."""
     proc = start_ray_node(["--head", "--num-cpus=2", "--num-gpus=0", "--dashboard-host=127.0.0.1",
-                           f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp}", *AUTO_PORTS, *args],
-                          log, env)
+                           f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp}", *args], log, env)
     address_file = temp / "ray_current_cluster"
     return proc, wait_until(lambda: address_file.exists() and address_file.read_text().strip(), "head up", proc, log)
+
+
+def _ray(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], capture_output=True, text=True, **kw)
 
 
 @pytest.fixture(scope="session")
 def ray_address(tmp_path_factory):
     """Address of a running local Ray head (2 CPUs, no GPUs, dashboard on), stopped at the end of the session."""
-    root = tmp_path_factory.mktemp("ray")
+    port = _free_port()
+    temp = tmp_path_factory.mktemp("ray")
     # With its dashboard, as real clusters run: the Jobs API and Ray Train's state queries need it.
-    proc, address = start_head(root / "t", root / "head.log")
+    r = _ray("start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={_free_port()}", f"--temp-dir={temp}", "--disable-usage-stats", timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    address = f"127.0.0.1:{port}"
     yield address
-    stop_ray_node(proc)
+    _ray("stop", "--force", timeout=120)
 
 
 @pytest.fixture(scope="session")
-def two_nodes(ray_address, tmp_path_factory):
+def two_nodes(ray_address):
     """The session head plus a second raylet (2 CPUs, resource `second_node`): a 2-node cluster on one machine.
-    Stays up for the rest of the session (stopped before the head)."""
+    Stays up for the rest of the session (stopped with the head)."""
     from raytrain_align.launch import token_available
 
     # the head (started without RAY_AUTH_MODE) uses token auth exactly when a token exists; the raylet must match
     auth = {"RAY_AUTH_MODE": "token"} if token_available() and "RAY_AUTH_MODE" not in os.environ else {}
-    log = tmp_path_factory.mktemp("raylet") / "raylet.log"
-    proc = start_ray_node([f"--address={ray_address}", "--num-cpus=2", "--num-gpus=0", '--resources={"second_node": 1}',
-                           "--dashboard-agent-listen-port=0", "--dashboard-agent-grpc-port=0", "--metrics-export-port=0",
-                           "--runtime-env-agent-port=0"], log, env={**os.environ, **auth})
-    wait_until(lambda: _has_node_with(ray_address, "second_node", {**os.environ, **auth}), "second raylet joined",
-               proc, log)
+    r = _ray("start", f"--address={ray_address}", "--num-cpus=2", "--num-gpus=0", '--resources={"second_node": 1}',
+             "--disable-usage-stats", timeout=180, env={**os.environ, **auth})
+    assert r.returncode == 0, r.stdout + r.stderr
     yield ray_address
-    stop_ray_node(proc)
-
-
-def _has_node_with(address: str, resource: str, env) -> bool:
-    """Whether the cluster lists a live node offering `resource` (asked by a short driver, as a user would)."""
-    code = ("import ray; ray.init(address=%r, logging_level='ERROR'); "
-            "raise SystemExit(0 if any(n['Alive'] and %r in n['Resources'] for n in ray.nodes()) else 1)")
-    return subprocess.run([sys.executable, "-c", code % (address, resource)], env=env, capture_output=True).returncode == 0
 
 
 def run_cli(args, env_extra=None, timeout=900):

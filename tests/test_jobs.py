@@ -22,7 +22,7 @@ import pytest
 
 from raytrain_align import jobs
 
-from .conftest import REPO, start_head, stop_ray_node, wait_until
+from .conftest import AUTO_PORTS, REPO, start_head, stop_ray_node, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def head(tmp_path_factory):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     ray_tmp = Path(tempfile.mkdtemp(prefix="rta-", dir="/tmp"))  # short: Ray's unix sockets live under it (107 bytes)
-    proc, gcs = start_head(ray_tmp, tmp / "head.log", "--node-ip-address=127.0.0.1", env=env)
+    proc, gcs = start_head(ray_tmp, tmp / "head.log", "--node-ip-address=127.0.0.1", *AUTO_PORTS, env=env)
     # the dashboard's address as Ray's own job CLI finds it from the GCS address
     code = "from ray.dashboard.utils import ray_address_to_api_server_url as url; print(url(%r))" % gcs
     address = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
