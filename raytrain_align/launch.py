@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import RecipeError
 from .plan import Plan
+from .recipe import QUANTIZATION_KEYS
 
 
 def check_gpus(plan: Plan) -> None:
@@ -34,7 +35,7 @@ def check_gpus(plan: Plan) -> None:
 def check_quantization(plan: Plan) -> None:
     """QLoRA runs on data-parallel workers, as the handbook runs it (multi_gpu.yaml); bitsandbytes' quantized
     weights cannot be sharded by ZeRO-3 or FSDP here, so those are refused rather than trained another way."""
-    quantized = [k for k in ("load_in_4bit", "load_in_8bit") if plan.model.get(k)]
+    quantized = [k for k in QUANTIZATION_KEYS if plan.model.get(k)]
     if quantized and plan.backend != "ddp":
         raise RecipeError(
             f"recipe '{plan.recipe}' sets {quantized[0]}: true (QLoRA), which runs on data-parallel workers only; pass "
@@ -54,7 +55,7 @@ def check_gpu_packages(plan: Plan) -> None:
             "pip install 'raytrain_align[gpu]' on every node, or --set use_liger_kernel=false")
     optim = str(plan.training.get("optim") or "")
     wants = [f"optim: {optim}"] if "bnb" in optim else []
-    wants += [f"{k}: true" for k in ("load_in_4bit", "load_in_8bit") if plan.model.get(k)]
+    wants += [f"{k}: true" for k in QUANTIZATION_KEYS if plan.model.get(k)]
     if wants and importlib.util.find_spec("bitsandbytes") is None:
         raise RecipeError(
             f"recipe '{plan.recipe}' sets {wants[0]} and bitsandbytes is not installed; "

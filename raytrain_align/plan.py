@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError
-from .recipe import ACCELERATE_BACKENDS, FSDP2_UNREAD_ENV, RECIPES, Recipe, fsdp2_launch_args
+from .recipe import ACCELERATE_BACKENDS, FSDP2_UNREAD_ENV, RECIPES, Recipe, fsdp2_launch_args, gpu_only_settings
 
 
 @dataclass
@@ -196,8 +196,7 @@ def default_run_name(recipe: Recipe) -> str:
 
 def cpu_only_overrides(model: dict, training: dict, explicit: frozenset[str]) -> dict[str, Any]:
     """What a recipe asks of a GPU that CPU workers cannot do: fp32 instead of bf16/fp16, sdpa instead of
-    flash-attention kernels, no liger-kernel or torch.compile, torch's AdamW for bitsandbytes' 8-bit optimizers
-    (the handbook's ORPO recipe) and no bitsandbytes quantization (QLoRA). Shown in the plan; keys the user set stay."""
+    flash-attention kernels, and recipe.gpu_only_settings. Shown in the plan; keys the user set stay."""
     out: dict[str, Any] = {}
     if training.get("bf16") or training.get("fp16"):
         out.update(bf16=False, fp16=False)
@@ -205,14 +204,7 @@ def cpu_only_overrides(model: dict, training: dict, explicit: frozenset[str]) ->
         out["dtype"] = "float32"
     if str(model.get("attn_implementation") or "").startswith(("flash", "kernels-")):
         out["attn_implementation"] = "sdpa"
-    for key in ("use_liger_kernel", "torch_compile"):
-        if training.get(key):
-            out[key] = False
-    if "bnb" in str(training.get("optim") or ""):
-        out["optim"] = "adamw_torch"
-    for key in ("load_in_4bit", "load_in_8bit"):
-        if model.get(key):
-            out[key] = False
+    out.update(gpu_only_settings(model, training))
     return {k: v for k, v in out.items() if k not in explicit}
 
 

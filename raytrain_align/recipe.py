@@ -77,6 +77,21 @@ REMOVED_FIELDS = {
     "max_completion_length": "TRL 1.x removed it; DPO truncates prompt+completion to max_length (truncation_mode)",
 }
 
+# ModelConfig's bitsandbytes quantization (QLoRA) switches.
+QUANTIZATION_KEYS = ("load_in_4bit", "load_in_8bit")
+
+
+def gpu_only_settings(model: dict, training: dict) -> dict[str, Any]:
+    """What a recipe asks for that only GPU workers run, and what CPU workers (--tiny, --cpu) use instead:
+    no liger-kernel or torch.compile, torch's AdamW for bitsandbytes' 8-bit optimizers (the handbook's ORPO
+    recipe), no bitsandbytes quantization (the LoRA adapters stay)."""
+    out: dict[str, Any] = {k: False for k in ("use_liger_kernel", "torch_compile") if training.get(k)}
+    if "bnb" in str(training.get("optim") or ""):
+        out["optim"] = "adamw_torch"
+    out.update({k: False for k in QUANTIZATION_KEYS if model.get(k)})
+    return out
+
+
 # The handbook's `dataset_mixture` entries (alignment.configs.DatasetConfig).
 MIXTURE_KEYS = {"datasets", "seed", "test_split_size", "take"}  # take: shuffled (default) | first (older handbook)
 MIXTURE_ENTRY_KEYS = {"id", "config", "split", "columns", "weight", "test"}  # test: true: a whole named test split

@@ -16,11 +16,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .recipe import QUANTIZATION_KEYS, gpu_only_settings
+
 TINY_WORKERS = 2
 PREFERENCE_METHODS = ("dpo", "orpo")  # trained on chosen/rejected pairs
 TINY_VERSION = "v3"  # bump when the generators change, so cached assets are rebuilt
 MODEL_KEYS = {"model_name_or_path", "dtype", "attn_implementation", "trust_remote_code", "model_revision",
-              "load_in_4bit", "load_in_8bit"}
+              *QUANTIZATION_KEYS}
 SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<unk>"]
 
 # ChatML with {% generation %} markers, so assistant_only_loss works with the tiny tokenizer too.
@@ -72,17 +74,9 @@ def tiny_overrides(recipe) -> dict[str, Any]:
     if recipe.method == "dpo":
         out["padding_free"] = False  # needs flash-attention kernels the CPU does not have
         out["num_train_epochs"] = max(2.0, out["num_train_epochs"])  # one pass is 113 steps: too few from scratch
-    for key in ("load_in_4bit", "load_in_8bit"):
-        if recipe.model.get(key):
-            out[key] = False  # bitsandbytes quantization (QLoRA) is a GPU kernel; the LoRA adapters stay
     if recipe.model.get("model_revision"):
         out["model_revision"] = "main"  # the tiny model is a local folder without the recipe's revisions
-    if t.get("use_liger_kernel"):
-        out["use_liger_kernel"] = False
-    if t.get("torch_compile"):
-        out["torch_compile"] = False
-    if "bnb" in str(t.get("optim") or ""):
-        out["optim"] = "adamw_torch"  # bitsandbytes' 8-bit AdamW is a GPU kernel
+    out.update(gpu_only_settings(recipe.model, t))  # the tiny run is on CPU workers
     return out
 
 

@@ -327,7 +327,9 @@ def _last_logs(history: list[dict]) -> dict[str, float]:
 def _quantized_load(model_fields: dict[str, Any]) -> dict[str, Any]:
     """QLoRA (load_in_4bit / load_in_8bit, DDP workers only): TRL's own BitsAndBytesConfig from the handbook's model
     fields, the quantized weights placed on this worker's GPU as the handbook's get_model places them."""
-    if not (model_fields.get("load_in_4bit") or model_fields.get("load_in_8bit")):
+    from .recipe import QUANTIZATION_KEYS
+
+    if not any(model_fields.get(k) for k in QUANTIZATION_KEYS):
         return {}
     import torch
     from trl import ModelConfig, get_quantization_config

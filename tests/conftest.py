@@ -15,54 +15,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _free_port() -> int:
-    """A port free now, for the one Ray port that cannot be 0 (auto-assigned): the Ray client server's."""
+    """A port free now (Ray binds it right after; the Jobs head asks Ray to choose every port it can)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-# Ports given as 0: Ray binds a free one itself, so nothing else on the machine (another Ray cluster, a benchmark)
-# can take it between our choice and Ray's bind (the Jobs tests' head). The session head below still uses
-# `ray start` + `ray stop`: started like the Jobs head, Ray Data placed its actors on one of its two nodes only.
-AUTO_PORTS = ("--port=0", "--dashboard-port=0", "--dashboard-agent-listen-port=0", "--dashboard-agent-grpc-port=0",
-              "--metrics-export-port=0", "--runtime-env-agent-port=0")
-
-
-def start_ray_node(args, log: Path, env=None) -> subprocess.Popen:
-    """`ray start ARGS --block` as its own process group: terminating it stops exactly the processes it started.
-    (`ray stop` would stop every Ray cluster of this user on the machine, a user's own or a benchmark's.)"""
-    with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
-                                 *args], stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def stop_ray_node(proc: subprocess.Popen) -> None:
-    proc.terminate()  # the --block process stops what it started
-    try:
-        proc.wait(120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def wait_until(condition, what: str, proc: subprocess.Popen, log: Path, timeout: float = 300):
-    """Poll `condition()` until it returns something true (returned), the node process ends, or `timeout`."""
-    deadline = time.time() + timeout
-    while True:
-        assert proc.poll() is None, f"ray start exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:]}"
-        if value := condition():
-            return value
-        assert time.time() < deadline, f"{what}: not within {timeout}s\n{log.read_text()[-3000:]}"
-        time.sleep(0.5)
-
-
-def start_head(temp: Path, log: Path, *args, env=None) -> tuple[subprocess.Popen, str]:
-    """A head node (2 CPUs, no GPUs, dashboard on loopback) under `temp`; returns (process, GCS address), the
-    address read from the file `ray start` writes once the head is up. ARGS add ports (AUTO_PORTS, or some)."""
-    proc = start_ray_node(["--head", "--num-cpus=2", "--num-gpus=0", "--dashboard-host=127.0.0.1",
-                           f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp}", *args], log, env)
-    address_file = temp / "ray_current_cluster"
-    return proc, wait_until(lambda: address_file.exists() and address_file.read_text().strip(), "head up", proc, log)
 
 
 def _ray(*args, **kw):

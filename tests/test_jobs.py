@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -22,13 +23,57 @@ import pytest
 
 from raytrain_align import jobs
 
-from .conftest import AUTO_PORTS, REPO, start_head, stop_ray_node, wait_until
+from .conftest import REPO, _free_port
 
 pytestmark = pytest.mark.slow
 
 TINY = ["sft_mid", "--tiny"]
 FINISHED_RUN, STOPPED_RUN = "smollm3-midtraining-tiny", "stopme-tiny"
 STOP_ARGS = ["--set", "run_name=stopme", "--set", "max_steps=90", "--set", "save_steps=15"]
+
+
+# Ports given as 0: Ray binds a free one itself, so nothing else on the machine (another Ray cluster, a benchmark)
+# can take it between our choice and Ray's bind. (The session head in conftest still uses `ray start` + `ray stop`:
+# started like this one, Ray Data placed its actors on one of its two nodes only.) The Ray client's port cannot be 0.
+AUTO_PORTS = ("--port=0", "--dashboard-port=0", "--dashboard-agent-listen-port=0", "--dashboard-agent-grpc-port=0",
+              "--metrics-export-port=0", "--runtime-env-agent-port=0")
+
+
+def start_ray_node(args, log: Path, env=None) -> subprocess.Popen:
+    """`ray start ARGS --block` as its own process group: terminating it stops exactly the processes it started.
+    (`ray stop` would stop every Ray cluster of this user on the machine, a user's own or a benchmark's.)"""
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
+                                 *args], stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def stop_ray_node(proc: subprocess.Popen) -> None:
+    proc.terminate()  # the --block process stops what it started
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_until(condition, what: str, proc: subprocess.Popen, log: Path, timeout: float = 300):
+    """Poll `condition()` until it returns something true (returned), the node process ends, or `timeout`."""
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, f"ray start exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:]}"
+        if value := condition():
+            return value
+        assert time.time() < deadline, f"{what}: not within {timeout}s\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+
+
+def start_head(temp: Path, log: Path, *args, env=None) -> tuple[subprocess.Popen, str]:
+    """A head node (2 CPUs, no GPUs, dashboard on loopback) under `temp`; returns (process, GCS address), the
+    address read from the file `ray start` writes once the head is up."""
+    proc = start_ray_node(["--head", "--num-cpus=2", "--num-gpus=0", "--dashboard-host=127.0.0.1",
+                           f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp}", *AUTO_PORTS, *args], log, env)
+    address_file = temp / "ray_current_cluster"
+    return proc, wait_until(lambda: address_file.exists() and address_file.read_text().strip(), "head up", proc, log)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +87,7 @@ def head(tmp_path_factory):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     ray_tmp = Path(tempfile.mkdtemp(prefix="rta-", dir="/tmp"))  # short: Ray's unix sockets live under it (107 bytes)
-    proc, gcs = start_head(ray_tmp, tmp / "head.log", "--node-ip-address=127.0.0.1", *AUTO_PORTS, env=env)
+    proc, gcs = start_head(ray_tmp, tmp / "head.log", "--node-ip-address=127.0.0.1", env=env)
     # the dashboard's address as Ray's own job CLI finds it from the GCS address
     code = "from ray.dashboard.utils import ray_address_to_api_server_url as url; print(url(%r))" % gcs
     address = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
