@@ -4,11 +4,11 @@ A `ray.cluster_utils.Cluster` (a head without CPUs, "nodes" = raylets with 2 CPU
 through the CLI (`python -m raytrain_align sft_mid --tiny --num-workers 2:4 ...`), global batch 12, 30 steps,
 a checkpoint every 5. Each scenario breaks the run the way production does — a node removed and added back, a
 node drained with a deadline then removed, a worker killed while a checkpoint is being written, the driver
-killed and the command relaunched — and returns one record from the run's own log (run_log.jsonl), its sample
+killed and the command relaunched over a damaged latest checkpoint — and returns one record from the run's own log (run_log.jsonl), its sample
 log and its losses, compared with an uninterrupted run of the same data, seed and global batch.
 `tests/test_elastic.py` asserts on these records; run this file to write the table:
 
-    python benchmarks/fault_tolerance.py   # -> benchmarks/results/fault_tolerance-<date>.{json,md}, docs/fault-tolerance.md
+    python -m benchmarks.fault_tolerance   # -> benchmarks/results/fault_tolerance-<date>.{json,md}, docs/fault-tolerance.md
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 STEPS, SAVE_EVERY, GBS = 30, 5, 12
 NODE = {"num_cpus": 2, "num_gpus": 0, "object_store_memory": 512 * 2**20}  # one "node": 2 CPU workers
@@ -85,10 +84,12 @@ def cluster(nodes: int = 2):
     with socket.socket() as s:  # the dashboard (as on real clusters): Ray Train's state API, used by its
         s.bind(("127.0.0.1", 0))  # cleanup of a dead driver's placement groups, needs it
         port = s.getsockname()[1]
-    with _no_token_auth():
+    from raytrain_align.launch import NODE_HEALTH_CHECKS
+
+    with _no_token_auth():  # the node health checks the project sets on every cluster it starts or describes
         c = Cluster(initialize_head=True, connect=False,
                     head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": True, "dashboard_port": port,
-                                    "dashboard_host": "127.0.0.1"})
+                                    "dashboard_host": "127.0.0.1", "_system_config": NODE_HEALTH_CHECKS})
     workers = [add_node(c) for _ in range(nodes)]
     c.wait_for_nodes()
     return c, workers
@@ -97,16 +98,14 @@ def cluster(nodes: int = 2):
 class Run:
     """One `python -m raytrain_align` driver, its output read line by line in a thread."""
 
-    def __init__(self, address: str, storage: Path, name: str, workers: str = "2:4", env: dict | None = None,
-                 extra: tuple[str, ...] = ()):
+    def __init__(self, address: str, storage: Path, name: str, workers: str = "2:4", extra: tuple[str, ...] = ()):
         self.name, self.storage, self.out, self.address = name, storage, storage.parent / f"out-{name}", address
         self.cmd = [sys.executable, "-m", "raytrain_align", "sft_mid", "--tiny", "--storage", str(storage),
                     "--output-dir", str(self.out), "--num-workers", workers, "--max-failures", "3",
                     "--set", f"run_name={name}", "--set", f"max_steps={STEPS}", "--set", f"save_steps={SAVE_EVERY}",
                     "--set", "logging_steps=1", "--set", "per_device_train_batch_size=1",
                     "--set", f"ray.global_batch_size={GBS}", "--set", "ray.resize_interval_s=5", *extra]
-        self.env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled",
-                    **(env or {})}
+        self.env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled"}
         self.lines: list[str] = []
         self._start()
 
@@ -145,6 +144,22 @@ class Run:
             if m := rx.search(line):
                 return m
         raise AssertionError(f"'{pattern}' not seen in {timeout}s; output tail:\n" + "".join(self.lines[-60:]))
+
+    def wait_until(self, done, timeout: float = 300) -> None:
+        """Read output until `done()` holds."""
+        deadline = time.time() + timeout
+        while not done():
+            assert time.time() < deadline, f"condition not met in {timeout}s; output tail:\n" + "".join(self.lines[-60:])
+            try:
+                line = self._q.get(timeout=1)
+            except queue.Empty:
+                continue
+            assert line is not None, "the driver exited; output tail:\n" + "".join(self.lines[-60:])
+            self.lines.append(line)
+
+    def count(self, pattern: str) -> int:
+        rx = re.compile(pattern)
+        return sum(1 for line in self.lines if rx.search(line))
 
     def wait_step(self, step: int, timeout: float = 300) -> int:
         since = len(self.lines)
@@ -198,7 +213,7 @@ def trained_exactly_once(summary: dict, steps_total: int) -> tuple[dict[int, lis
     return trained, ok
 
 
-def evidence(run: Run, reference: dict | None) -> dict:
+def evidence(run: Run, reference: dict | None, steps: int = STEPS) -> dict:
     """What the run's own files say: the run log, exactly-once per epoch, losses vs the uninterrupted run."""
     from raytrain_align import elastic
 
@@ -207,7 +222,7 @@ def evidence(run: Run, reference: dict | None) -> dict:
     summary = json.loads((run.out / "raytrain_align_run.json").read_text())
     logs = summary["run_log_dir"]
     starts = [r for r in elastic.read_jsonl(f"{logs}/{elastic.RUN_LOG}") if r["event"] == "start"]
-    trained, exactly_once = trained_exactly_once(summary, STEPS)
+    trained, exactly_once = trained_exactly_once(summary, steps)
     losses = {e["step"]: e["loss"] for e in summary["log_history"] if "loss" in e}
     record = {
         "scenario": run.name,
@@ -224,14 +239,16 @@ def evidence(run: Run, reference: dict | None) -> dict:
     if reference is not None:
         ref = reference["losses"]
         record["max_loss_diff_vs_uninterrupted"] = max(abs(losses[s] - ref[s]) for s in ref)
+        record["final_loss_rel_diff"] = abs(losses[steps] - ref[steps]) / ref[steps]
     return record
 
 
 # ------------------------------------------------------------------------------------------- scenarios
-def uninterrupted(address, storage):
-    run = Run(address, storage, "reference", workers="2")
+def uninterrupted(address, storage, steps: int = STEPS):
+    name = "reference" if steps == STEPS else f"reference-{steps}"
+    run = Run(address, storage, name, workers="2", extra=("--set", f"max_steps={steps}"))
     run.finish()
-    return evidence(run, None)
+    return evidence(run, None, steps)
 
 
 FSDP = ("--accelerate-config", "recipes/accelerate_configs/fsdp.yaml")
@@ -244,7 +261,7 @@ def node_lost_and_back(c, nodes, address, storage, reference, backend="deepspeed
     name = "node-lost-and-back" + ("-fsdp" if backend == "fsdp" else "")
     # 1 s per step more: time for the returning raylet to register and Ray Train's resize check (every 5 s) to
     # see it before the 30 steps are over (a tiny step takes ~0.3 s here)
-    run = Run(address, storage, name, extra=FSDP if backend == "fsdp" else (), env={"RAYTRAIN_ALIGN_STEP_DELAY_S": "1"})
+    run = Run(address, storage, name, extra=(*(FSDP if backend == "fsdp" else ()), "--set", "ray.callbacks=[benchmarks.faults:SlowSteps]"))
     run.wait_for(r"world 4,")
     run.wait_step(SAVE_EVERY + 2)
     c.remove_node(nodes[1], allow_graceful=False)
@@ -259,16 +276,10 @@ def node_lost_and_back(c, nodes, address, storage, reference, backend="deepspeed
 def node_drained(c, nodes, address, storage, reference):
     """A drain notice with a 60 s deadline (Ray's drain API, reason PREEMPTION, as a spot reclaim sends): the
     workers checkpoint at once and stop stepping; the node is then taken away and the run goes on at 2."""
-    import ray._raylet
-    from ray.core.generated import autoscaler_pb2
-
     run = Run(address, storage, "node-drained")
     run.wait_for(r"world 4,")
     run.wait_step(SAVE_EVERY + 2)
-    gcs = ray._raylet.GcsClient(address=address)
-    accepted, why = gcs.drain_node(nodes[1].node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
-                                   "spot instance reclaimed (fault_tolerance.py)", int(time.time() * 1000) + 60_000)
-    assert accepted, why
+    _drain(address, nodes[1])
     m = run.wait_for(r"preemption .*checkpoint at step (\d+) committed")
     c.remove_node(nodes[1], allow_graceful=False)  # the reclaim
     run.wait_for(r"resume .*at world 2 ")
@@ -283,7 +294,7 @@ def crash_during_checkpoint(c, nodes, address, storage, reference):
     """The last rank dies while the step-10 checkpoint is being written (before it is committed): the run
     resumes from step 5's, which must be whole."""
     run = Run(address, storage, "crash-during-checkpoint", workers="2",
-              env={"RAYTRAIN_ALIGN_FAULT": f"crash_in_save@{2 * SAVE_EVERY}"})
+              extra=("--set", f"ray.callbacks=[{{benchmarks.faults:CrashInSave: {{step: {2 * SAVE_EVERY}}}}}]"))
     run.wait_for(r"resume ")
     committed = sorted(p.name for p in (storage / f"{run.name}-tiny").glob("checkpoint-*"))
     run.finish()
@@ -293,13 +304,110 @@ def crash_during_checkpoint(c, nodes, address, storage, reference):
 
 
 def driver_killed(c, nodes, address, storage, reference):
-    """SIGKILL the driver (the CLI process) after the step-5 checkpoint; the same command is launched again."""
-    run = Run(address, storage, "driver-killed", workers="2")
-    run.wait_step(SAVE_EVERY + 3)
+    """SIGKILL the driver (the CLI process) after the step-10 checkpoint, truncate one shard of the latest committed
+    checkpoint while nothing runs, and launch the same command again: it resumes from the checkpoint before."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    run = Run(address, storage, "driver-killed", workers="2", extra=("--set", "save_total_limit=2"))
+    run.wait_step(2 * SAVE_EVERY + 3)
     run.kill_driver()
+    wait_until_idle(address)  # Ray ends the dead driver's workers; what they committed last is final now
+    run_dir = storage / f"{run.name}-tiny"
+    snapshot = json.loads((run_dir / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).read_text())
+    *_, before, latest = [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
+    shard = max((run_dir / latest).rglob("*optim_states.pt"), key=lambda p: p.stat().st_size)
+    os.truncate(shard, shard.stat().st_size // 2)  # a half-written upload, a storage fault
     run.relaunch()
     run.finish()
-    return evidence(run, reference)
+    record = evidence(run, reference)
+    record.update(damaged_checkpoint=latest, checkpoint_before=before)
+    return record
+
+
+def kill_a_worker(address: str, rng) -> int:
+    """SIGKILL one training worker process (a RayTrainWorker actor, found through Ray's state API); returns its pid."""
+    from ray.util.state import list_actors
+
+    with _no_token_auth():
+        workers = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                              detail=True, raise_on_missing_output=False)
+    pid = rng.choice(sorted(a.pid for a in workers))
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+CHAOS_STEPS = 200
+CHAOS_FAULTS = ("worker killed", "node removed", "node added back", "node drained", "crash while saving",
+                "driver killed")
+
+
+def chaos(c, nodes, address, storage, reference, steps: int = CHAOS_STEPS, save_every: int = 10, seed: int = 0,
+          name: str = "chaos"):
+    """One longer run, elastic 2..4 workers, with every fault of CHAOS_FAULTS in that order, each at a seeded random
+    step of its own stretch of the run (or later), once the restarts of the faults before have loaded their
+    checkpoints: one fault at a time, each restart with one cause. The crash while saving is a callback armed by a
+    file at its turn; the drained node is taken away and then added back. `reference`: the uninterrupted run of as
+    many steps."""
+    import random
+
+    rng = random.Random(seed)
+    span = steps // (len(CHAOS_FAULTS) + 1)
+    at = {f: rng.randint(i * span + 2, (i + 1) * span - 2) for i, f in enumerate(CHAOS_FAULTS)}
+    arm = storage.parent / f"{name}-crash"
+    run = Run(address, storage, name, extra=(
+        "--max-failures", "10",  # the worker kill, the node loss, the crash (and the drained node's removal)
+        "--set", f"max_steps={steps}", "--set", f"save_steps={save_every}", "--set", "save_total_limit=2",
+        "--set", f"ray.callbacks=[{{benchmarks.faults:SlowSteps: {{seconds: 0.5}}}}, "
+                 f"{{benchmarks.faults:CrashInSave: {{arm_file: '{arm}'}}}}]"))
+    injected, restarts = [], 0  # the restarts the injected faults cause
+
+    def settle():  # every restart so far has loaded its checkpoint
+        run.wait_until(lambda: run.count(r"resume ") >= restarts)
+
+    run.wait_for(r"world 4,")
+    for fault in CHAOS_FAULTS:
+        injected.append({"fault": fault, "step": run.wait_step(at[fault])})
+        if fault == "worker killed":
+            injected[-1]["pid"] = kill_a_worker(address, rng)
+        elif fault == "node removed":
+            c.remove_node(nodes[1], allow_graceful=False)
+        elif fault == "node added back":
+            nodes[1] = add_node(c)
+        elif fault == "node drained":
+            mark = len(run.lines)
+            _drain(address, nodes[1])
+            run.wait_for(r"preemption .*committed", since=mark)
+            c.remove_node(nodes[1], allow_graceful=False)
+            restarts += 1
+            settle()
+            nodes[1] = add_node(c)
+            injected.append({"fault": "node added back", "step": run.wait_step(0)})
+        elif fault == "crash while saving":  # at the next save
+            arm.touch()
+            fired = Path(f"{arm}.fired")
+            run.wait_until(lambda: fired.exists() and fired.read_text() != "")
+            injected[-1]["step"] = int(fired.read_text())
+        else:  # driver killed: the same command again, over the same storage
+            run.kill_driver()
+            run.relaunch()
+            break
+        restarts += 1
+        settle()
+    run.finish()
+    record = evidence(run, reference, steps)
+    record["injected"] = injected
+    return record
+
+
+def _drain(address: str, node) -> None:
+    """Ray's drain API with reason PREEMPTION and a 60 s deadline, as a spot reclaim sends."""
+    import ray._raylet
+    from ray.core.generated import autoscaler_pb2
+
+    gcs = ray._raylet.GcsClient(address=address)
+    accepted, why = gcs.drain_node(node.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                   "spot instance reclaimed (fault_tolerance.py)", int(time.time() * 1000) + 60_000)
+    assert accepted, why
 
 
 SCENARIOS = {
@@ -308,7 +416,9 @@ SCENARIOS = {
         lambda *a: node_lost_and_back(*a, backend="fsdp"),
     "node drained with a 60 s deadline (spot reclaim)": node_drained,
     "worker crash while a checkpoint is written": crash_during_checkpoint,
-    "driver killed, same command relaunched": driver_killed,
+    "driver killed, latest checkpoint truncated, same command relaunched": driver_killed,
+    "chaos: 200 steps, 2..4 workers, all of the above and a worker killed": lambda c, nodes, address, storage, _: chaos(
+        c, nodes, address, storage, uninterrupted(address, storage, CHAOS_STEPS)),
 }
 
 
@@ -357,7 +467,7 @@ def main(argv=None) -> int:
     import torch
 
     date = time.strftime("%Y-%m-%d")
-    meta = {"command": "python benchmarks/fault_tolerance.py " + " ".join(argv or sys.argv[1:]), "date": date,
+    meta = {"command": "python -m benchmarks.fault_tolerance " + " ".join(argv or sys.argv[1:]), "date": date,
             "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})",
             "torch": torch.__version__, "settings": {"steps": STEPS, "save_steps": SAVE_EVERY, "global_batch": GBS}}
     out = Path(args.out)

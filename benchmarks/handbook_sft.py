@@ -40,7 +40,7 @@ def main(path: str, method: str = "sft") -> None:
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from raytrain_align.attention import register
-    from raytrain_align.train import _timing_callback
+    from raytrain_align.trainer_callbacks import timing_callback
 
     register()  # lets a recipe name attn_implementation: sdpa_varlen here too
     raw = yaml.safe_load(open(path))
@@ -67,6 +67,7 @@ def main(path: str, method: str = "sft") -> None:
         dtype=getattr(torch, dtype) if dtype not in (None, "auto") else dtype,
         use_cache=not args.gradient_checkpointing,
     )
+    milestones = {"process_start": T_START, "model_loaded": time.time()}
 
     parts = []
     seed = mixture.get("seed", 0)
@@ -81,13 +82,14 @@ def main(path: str, method: str = "sft") -> None:
     if method == "orpo" and "messages" in train.column_names:  # scripts/orpo.py
         train = train.remove_columns("messages")
 
-    timer = _timing_callback()
+    timer = timing_callback()
     trainer = trainer_cls(model=model, args=args, train_dataset=train, processing_class=tok, callbacks=[timer])
+    milestones["trainer_built"] = time.time()  # TRL tokenized and packed the data inside
     t0 = time.time()
     try:
         trainer.train()
         if trainer.is_world_process_zero() and os.environ.get("BENCH_RESULT"):
-            out = {"timing": timer.stats, "log_history": trainer.state.log_history, "train_seconds": time.time() - t0,
+            out = {"timing": {**timer.stats, "milestones_unix": milestones}, "log_history": trainer.state.log_history, "train_seconds": time.time() - t0,
                    "process_start_unix": T_START, "world_size": trainer.args.world_size}
             with open(os.environ["BENCH_RESULT"], "w") as f:
                 json.dump(out, f, indent=2, default=str)

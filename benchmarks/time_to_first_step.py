@@ -1,4 +1,4 @@
-"""Time to first step of the tiny recipe on a warm local Ray cluster (issue 7's goal: <= 20 s), and where it goes.
+"""Time to first step of the tiny recipe on a warm local Ray cluster (issue 16's goal: <= 15 s), and where it goes.
 
     python benchmarks/time_to_first_step.py [--runs 3] [--recipe sft_mid]
 
@@ -6,8 +6,8 @@ Starts one local Ray head (`ray start --head`, this machine's CPUs), runs `pytho
 --tiny` against it once to warm it (the prepared-data cache, the tiny assets, Ray's worker pool), then --runs
 more times, each a new driver process with its own run name, as a user re-launching a job would. Per run,
 from the driver's launch: the end of the first optimizer step (StepTimer's `step_end_unix[0]` in the run's
-raytrain_align_run.json), and the milestones in between from the driver's output (plan printed, data cache
-found, Ray workers up, process group formed, training begins). Writes
+raytrain_align_run.json), and the stages in between as the run recorded them (`timing.milestones_unix`: plan
+built, Ray ready, data ready, trainer submitted, worker loop entered, model loaded, trainer built, training begins). Writes
 benchmarks/results/time_to_first_step-DATE.{json,md}; quotes the median.
 """
 
@@ -18,27 +18,15 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# driver output line -> milestone (first match wins, seconds from launch)
-MILESTONES = {
-    "recipe printed": r"^recipe ",
-    "data cache found": r"^data cache ",
-    "train started": r"^train ",
-    "process group formed": r"process group formed",
-    "training begins": r"training +\d+ steps",
-}
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,31 +44,19 @@ def one_run(recipe: str, address: str, storage: Path, name: str, steps: int) -> 
            "--set", f"run_name={name}", "--set", f"max_steps={steps}", "--set", "save_strategy=no"]
     env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen: dict[str, float] = {}
-    lines: list[str] = []
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            text = re.sub(r"^\x1b\[[0-9;]*m\([^)]*\)\x1b\[0m ", "", line)  # Ray's "(RayTrainWorker pid=..)" prefix
-            for key, rx in MILESTONES.items():
-                if key not in seen and re.search(rx, text):
-                    seen[key] = round(time.time() - t0, 2)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    rc = proc.wait(timeout=900)
-    reader.join(timeout=10)
-    if rc != 0:
-        raise SystemExit(f"run {name} failed (rc {rc}):\n" + "".join(lines[-60:]))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise SystemExit(f"run {name} failed (rc {proc.returncode}):\n" + "\n".join(proc.stdout.splitlines()[-60:]))
     run = json.loads((out / "raytrain_align_run.json").read_text())
     timing = run["timing"]
+    # the stages the run itself recorded (driver and rank 0: timing.milestones_unix), seconds from launch
+    reached = {**timing["milestones_unix"], "train_begin": timing["train_begin_unix"], "first_step_end": timing["step_end_unix"][0]}
     return {"name": name, "command": " ".join(cmd), "wall_s": round(time.time() - t0, 2),
             "first_step_end_s": round(timing["step_end_unix"][0] - t0, 2),
             "train_begin_s": round(timing["train_begin_unix"] - t0, 2),
             "first_step_s": round(timing["step_seconds"][0], 3),
-            "prepared_reused": run["prepared"]["reused"], "milestones_s": seen}
+            "prepared_reused": run["prepared"]["reused"],
+            "milestones_s": {k: round(v - t0, 2) for k, v in sorted(reached.items(), key=lambda kv: kv[1])}}
 
 
 def main(argv=None) -> int:
@@ -113,8 +89,8 @@ def main(argv=None) -> int:
     import torch
 
     med = statistics.median(r["first_step_end_s"] for r in runs)
-    milestones = {k: statistics.median(r["milestones_s"][k] for r in runs if k in r["milestones_s"])
-                  for k in MILESTONES if all(k in r["milestones_s"] for r in runs)}
+    milestones = {k: statistics.median(r["milestones_s"][k] for r in runs)
+                  for k in runs[0]["milestones_s"] if all(k in r["milestones_s"] for r in runs)}
     date = dt.date.today().isoformat()
     res = {"command": "python benchmarks/time_to_first_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "date": date, "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()})",

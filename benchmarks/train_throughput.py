@@ -16,7 +16,7 @@ Both paths read one generated recipe file per variant, so they train the same mo
 batches: the SmolLM3-3B architecture (transformers' SmolLM3Config defaults) with random weights, and
 synthetic chats of random words of a 128,256-word tokenizer, BFD-packed to --max-length.
 
-Per run: step times from the StepTimer callback inside the trainer (raytrain_align/train.py; the same
+Per run: step times from the StepTimer callback inside the trainer (raytrain_align/trainer_callbacks.py; the same
 class in the plain script), tokens per step from TRL's num_tokens log, peak GPU memory of rank 0, and time
 from launching the command to the end of the first step. Per (path, variant): medians over runs of
 per-run medians over the steps after --warmup; tokens/s/GPU; MFU = 6 N tokens/s/GPU / peak dense bf16
@@ -274,6 +274,10 @@ def analyse(res: dict, t_launch: float, args) -> dict:
         "peak_reserved_gib": round(timing["peak_reserved_gib"], 2) if "peak_reserved_gib" in timing else None,
         "launch_to_first_step_s": round(ends[0] - t_launch, 1) if ends else None,
         "launch_to_train_begin_s": round(timing["train_begin_unix"] - t_launch, 1) if "train_begin_unix" in timing else None,
+        # seconds from launch at which each stage was reached (the run's own milestones; train.py, handbook_sft.py)
+        "milestones_s": {k: round(v - t_launch, 1) for k, v in sorted(
+            {**timing.get("milestones_unix", {}), "train_begin": timing.get("train_begin_unix", t_launch),
+             **({"first_step_end": ends[0]} if ends else {})}.items(), key=lambda kv: kv[1])},
     }
     if meas_t and len(meas_tok) == len(meas_t) and sum(meas_t) > 0:
         rec["tokens_per_s_per_gpu"] = round(sum(meas_tok) / sum(meas_t) / world, 1)
@@ -371,6 +375,10 @@ def render_md(res: dict) -> str:
     for r in res["runs"]:
         lines.append(f"| {r['label']} | {r['rc']} | {r['wall_s']} | {r.get('median_step_s')} | {r.get('tokens_per_s_per_gpu')} | "
                      f"{r.get('peak_allocated_gib')} | {r.get('launch_to_first_step_s')} |")
+    timed = [r for r in res["runs"] if r.get("milestones_s")]
+    if timed:
+        lines += ["", "Where the time to the first step goes (seconds from launch at which each stage was reached):", ""]
+        lines += [f"- {r['label']}: " + ", ".join(f"{k} {v}" for k, v in r["milestones_s"].items()) for r in timed]
     if res["summary"]["ratios"]:
         lines += ["", "Ratios:", ""] + [f"- {k}: **{v}**" for k, v in res["summary"]["ratios"].items()]
     return "\n".join(lines) + "\n"

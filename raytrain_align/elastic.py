@@ -14,6 +14,8 @@ elastic `ScalingConfig(num_workers=(min, max))` and after a node drain; this mod
   itself. An optimizer digest saved with each checkpoint is compared after the load (`optimizer_digest`).
 - **Preemption** (`preemption_callback`): on a drain notice (`ray.train.get_preemption_info`) the workers save a
   checkpoint at once and then stop stepping, so no step is trained that the restart would throw away.
+- **Whole checkpoints only**: each node lists the files it wrote (`write_file_list`); a resume checks the
+  listed sizes in storage (`checkpoint_problem`) and falls back to the newest earlier checkpoint that is whole.
 - **Evidence** in the run's storage folder, under `raytrain_align/`: `samples/` (which rows each rank trained at
   each step, by content hash) and `run_log.jsonl` (one line per start: cause, world size before/after, step
   resumed from, steps and seconds lost).
@@ -34,6 +36,7 @@ from . import storage
 from .errors import RecipeError
 
 POSITION_FILE = "raytrain_align_position.json"  # in every checkpoint: data position, world size, optimizer digest
+FILE_LIST = "raytrain_align_files-node{:03d}.json"  # in every checkpoint, one per node: {file: bytes} as written
 LOG_DIR = "raytrain_align"  # in the run's storage folder
 RUN_LOG = "run_log.jsonl"
 
@@ -225,6 +228,46 @@ def read_position(checkpoint_dir: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+# ----------------------------------------------------------------------------------------------- whole checkpoints
+def write_file_list(checkpoint_dir: str, node_rank: int) -> None:
+    """This node's part of a checkpoint as written ({relative path: bytes}): a resume can then tell a whole
+    checkpoint from a truncated or partly deleted one by its sizes in storage, without reading it."""
+    root = Path(checkpoint_dir)
+    files = {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+    Path(root, FILE_LIST.format(node_rank)).write_text(json.dumps(files))
+
+
+def checkpoint_problem(fs, path: str) -> str | None:
+    """What makes a checkpoint in storage (pyarrow filesystem, path) unusable, in a few words, or None if it is
+    whole: its position file unreadable, a node's file list missing, a listed file missing or not its size."""
+    import pyarrow.fs
+
+    def read_json(name: str):
+        try:
+            with fs.open_input_stream(f"{path}/{name}") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            raise ValueError(f"{name} is missing") from None
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{name} is unreadable ({type(e).__name__})") from None
+
+    try:
+        pos = read_json(POSITION_FILE)
+        if not isinstance(pos, dict) or not isinstance(pos.get("global_step"), int):
+            raise ValueError(f"{POSITION_FILE} is unreadable (no global_step)")
+        listed: dict[str, int] = {}
+        for node in range(pos.get("nodes", 0)):  # checkpoints from before file lists: position checked only
+            listed.update(read_json(FILE_LIST.format(node)))
+    except ValueError as e:
+        return str(e)
+    for (name, size), info in zip(listed.items(), fs.get_file_info([f"{path}/{n}" for n in listed])):
+        if info.type != pyarrow.fs.FileType.File:
+            return f"{name} is missing"
+        if info.size != size:
+            return f"{name} is {info.size:,} bytes, {size:,} when written"
+    return None
+
+
 def to_universal(checkpoint_dir: str) -> float:
     """Convert the ZeRO-3 checkpoint in `checkpoint_dir` (HF layout: global_stepN/ + latest) to DeepSpeed's
     universal format beside it (global_stepN_universal/ + latest_universal), which DeepSpeed loads at any world
@@ -247,27 +290,47 @@ def to_universal(checkpoint_dir: str) -> float:
     return time.time() - t0
 
 
-def unshare_step_counters(optimizer) -> int:
-    """Give every optimizer state its own `step` tensor; returns how many were shared.
+def param_groups(optimizer) -> list[dict]:
+    """The optimizer's parameter-group hyperparameters (no parameters), as saved beside each checkpoint."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in _base(optimizer).param_groups]
 
-    deepspeed 0.19.8's ZeRO-3 universal-checkpoint load (`load_hp_checkpoint_state_from_checkpoint_dir_stage3`)
-    assigns one and the same `step` tensor to the state of every parameter sub-group. torch's Adam increments
-    `state["step"]` in place once per sub-group step, so after such a load the counter advanced by the number of
-    sub-groups per optimizer step and Adam's bias correction went wrong from the second step after the resume
-    (the slow loss drift after a reshard that docs/fault-tolerance.md used to list as not diagnosed)."""
+
+def repair_universal_load(optimizer, saved_groups: list[dict] | None) -> list[str]:
+    """Undo what deepspeed 0.19.8's ZeRO-3 universal-checkpoint load (`load_hp_checkpoint_state_from_checkpoint_dir_stage3`)
+    gets wrong, and say what was repaired. It gives every parameter sub-group one shared Adam `step` tensor, which
+    torch's Adam then advances once per sub-group per step (bias correction off from the second step), and it
+    copies the first group's hyperparameters onto every group (the Trainer's no-decay group then decays).
+    `benchmarks/zero3_universal_resume.py` reproduces both without Ray or the Trainer."""
     import torch
 
-    while hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
+    opt, repaired = _base(optimizer), []
     seen, shared = set(), 0
-    for state in optimizer.state.values():
+    for state in opt.state.values():
         step = state.get("step") if isinstance(state, dict) else None
         if isinstance(step, torch.Tensor):
             if id(step) in seen:
                 state["step"] = step.clone()
                 shared += 1
             seen.add(id(state["step"]))
-    return shared
+    if shared:
+        repaired.append(f"{shared + 1} sub-groups' shared Adam step counter split")
+    if saved_groups and len(saved_groups) == len(opt.param_groups):
+        changed = 0
+        for group, saved in zip(opt.param_groups, saved_groups):
+            for key, value in saved.items():
+                value = tuple(value) if isinstance(group.get(key), tuple) else value  # betas come back as a list
+                if group.get(key) != value:
+                    group[key], changed = value, changed + 1
+        if changed:
+            repaired.append(f"{changed} parameter-group hyperparameter(s) restored")
+    return repaired
+
+
+def _base(optimizer):
+    """The torch optimizer inside accelerate's and DeepSpeed's wrappers."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 # ----------------------------------------------------------------------------------------------- run log
@@ -277,7 +340,7 @@ def heartbeat(logs: str, attempt: str, step: int) -> None:
 
 
 def log_start(logs: str, attempt: str, *, world: int, gbs: int, grad_accum: int, position: dict | None,
-              launch_id: str, optimizer_match: float | None, resharded: str | None) -> dict:
+              launch_id: str, optimizer_match: float | None, resharded: str | None, damaged: list[str] = ()) -> dict:
     """One run-log line per (re)start of the worker group, written once the checkpoint is loaded: why (as far
     as the workers can tell), world size before and after, the step resumed from, the steps the previous
     attempt trained past that checkpoint (lost) and the seconds since that checkpoint was saved (lost)."""
@@ -297,7 +360,8 @@ def log_start(logs: str, attempt: str, *, world: int, gbs: int, grad_accum: int,
         record["cause"] = "resumed an existing run" if position else "start"
     elif prev.get("launch_id") != launch_id:
         record["cause"] = "driver relaunch"
-    elif position and position.get("reason") == "preemption":
+    elif position and position.get("reason") == "preemption" and position.get("attempt") == prev["attempt"]:
+        # the previous attempt's own emergency checkpoint (a later restart may resume from it too, for its own cause)
         record["cause"] = "preemption (node drain)"
     elif prev["world_size"] > world:
         record["cause"] = f"shrink {prev['world_size']} -> {world} (workers lost)"
@@ -317,14 +381,17 @@ def log_start(logs: str, attempt: str, *, world: int, gbs: int, grad_accum: int,
         record["optimizer_state_max_rel_diff"] = optimizer_match
     if resharded:
         record["resharded"] = resharded
+    if damaged:
+        record["damaged_checkpoints_skipped"] = list(damaged)
     storage.write_text(path, "".join(json.dumps(r) + "\n" for r in [*rows, record]))
     return record
 
 
-def position(global_step: int, gbs: int, world: int, epoch: float, reason: str, digest: dict | None) -> dict:
+def position(global_step: int, gbs: int, world: int, nodes: int, epoch: float, reason: str, attempt: str,
+             digest: dict | None, groups: list[dict] | None = None) -> dict:
     return {"global_step": global_step, "global_samples": global_step * gbs, "global_batch_size": gbs,
-            "world_size": world, "epoch": epoch, "reason": reason, "saved_unix": time.time(),
-            "optimizer_digest": digest}
+            "world_size": world, "nodes": nodes, "epoch": epoch, "reason": reason, "attempt": attempt,
+            "saved_unix": time.time(), "optimizer_digest": digest, "param_groups": groups}
 
 
 def check_resume(pos: dict | None, gbs: int) -> None:

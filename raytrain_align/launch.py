@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -74,6 +75,37 @@ def check_storage(plan: Plan, output: bool = True) -> None:
             raise RecipeError(f"{flag} {path} cannot be written: {why}; pick a folder this user can write")
 
 
+def check_checkpoints(plan: Plan) -> None:
+    """A relaunch whose committed checkpoints (Ray Train's own list of them) are all damaged, or one of them gone,
+    fails here in one line. A damaged latest one with a whole earlier one is the workers' fallback
+    (train._whole_checkpoint); a fresh start is a new run name, never a silent one."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    from . import elastic, storage
+
+    run_dir = storage.join(plan.storage_path, plan.run_name)
+    snapshot = storage.read_text(storage.join(run_dir, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME))
+    if snapshot is None:
+        return
+    committed = json.loads(snapshot)["checkpoint_results"]  # in the order Ray Train committed them
+    names = [r["checkpoint_dir_name"] for r in reversed(committed) if r["checkpoint_dir_name"].startswith("checkpoint-")]
+    fresh = "start a new run with --set run_name=NEW, or delete that folder to train this one from the start"
+    gone = [n for n in names if not storage.is_dir(storage.join(run_dir, n))]
+    if gone:
+        raise RecipeError(f"run '{plan.run_name}' in {run_dir}: its committed {gone[0]} is gone, and Ray Train "
+                          f"resumes only with all of them; restore it, or {fresh}")
+    fs, root = storage.filesystem(run_dir)
+    problems = []
+    for name in names:  # newest first
+        problem = elastic.checkpoint_problem(fs, f"{root}/{name}")
+        if problem is None:
+            return
+        problems.append(f"{name}: {problem}")
+    if problems:
+        raise RecipeError(f"run '{plan.run_name}' in {run_dir} has no whole checkpoint to resume from "
+                          f"({'; '.join(problems)}); {fresh}")
+
+
 def token_available() -> bool:
     """A Ray auth token where Ray looks for one. Ray 2.60 starts a head with token auth when it finds one (and
     without, when not); whatever joins that head must then ask for token auth itself."""
@@ -81,9 +113,16 @@ def token_available() -> bool:
                 or (Path.home() / ".ray" / "auth_token").exists())
 
 
+# Ray's node health checks (its defaults: every 3 s, 10 s timeout, 5 misses) declare a killed node dead in ~16 s,
+# these in ~7 s (benchmarks/node_death.py); a silent node at most 5 x (period + timeout). Set on the local cluster below,
+# and as RAY_<name> variables on the heads of cluster/aws.yaml and cluster/kuberay/rayjob.yaml.
+NODE_HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_timeout_ms": 3000, "health_check_failure_threshold": 5}
+
+
 def init_ray() -> None:
     """Join the cluster in RAY_ADDRESS (a `ray job submit` entrypoint, a head node), else start a local one."""
     import ray
+    from ray._private.services import canonicalize_bootstrap_address
 
     if ray.is_initialized():
         return
@@ -94,7 +133,10 @@ def init_ray() -> None:
 
         Config.initialize("")  # re-read RAY_AUTH_MODE (ray was imported before it was set)
     # No runtime_env here: under `ray job submit` it would replace the job's own (its --working-dir).
-    ray.init(logging_level=logging.WARNING, log_to_driver=True)
+    # As ray.init resolves it (RAY_ADDRESS, any form, else the latest `ray start` on this machine), once; none: start one
+    address = os.environ.get("RAY_ADDRESS") or canonicalize_bootstrap_address(None)
+    ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=True,
+             **({} if address else {"_system_config": NODE_HEALTH_CHECKS}))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # prepare.py prints its own progress lines
     ctx.print_on_execution_start = False
@@ -104,12 +146,15 @@ def init_ray() -> None:
 
 def run(plan: Plan, log=print):
     """Train one recipe end to end and return its RunSummary."""
+    from accelerate.utils import patch_environment
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from . import export, prepare, tiny
+    from . import callbacks, export, prepare, tiny
     from .train import train_loop_per_worker
 
+    milestones = {"driver_run": time.time()}  # the plan is built: imports and recipe checks are behind
+    callbacks.load(plan.callbacks)  # importable here, where the workers' path starts
     check_quantization(plan)
     check_gpus(plan)
     check_gpu_packages(plan)
@@ -119,22 +164,23 @@ def run(plan: Plan, log=print):
         log(f"done          run '{plan.run_name}' already finished in {plan.storage_path}; exporting its model again "
             "(pass --set run_name=NEW or delete that folder to train anew)")
         return _finish(plan, done)
+    check_checkpoints(plan)
     init_ray()
+    milestones["ray_ready"] = time.time()
     if plan.tiny:
         assets = tiny.assets_dir(plan.storage_path)
         tiny.materialize(assets, plan.recipe_model)
     prepared = prepare.prepare(plan, log=log)
+    milestones["data_ready"] = time.time()
 
     resources = {"CPU": plan.cpus_per_worker}
     if plan.use_gpu:
         resources["GPU"] = 1
+    milestones["trainer_submitted"] = time.time()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": asdict(plan), "prepared": asdict(prepared), "scratch_id": uuid.uuid4().hex[:12],
-                           # testing hooks (tests/test_elastic.py): a fault the first attempt injects, and a
-                           # pause after every step (a model slow enough for a node to rejoin mid-run)
-                           "fault": os.environ.get("RAYTRAIN_ALIGN_FAULT", ""),
-                           "step_delay_s": float(os.environ.get("RAYTRAIN_ALIGN_STEP_DELAY_S") or 0)},
+        train_loop_config={"plan": plan, "prepared": prepared, "scratch_id": uuid.uuid4().hex[:12],
+                           "driver_milestones": milestones},
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo", timeout_s=plan.collective_timeout_s),
         # elastic: Ray Train starts with what the cluster has (>= min), restarts smaller when workers are lost and
         # larger when resources come back, each time from the latest committed checkpoint (train.py reshards it)
@@ -150,7 +196,8 @@ def run(plan: Plan, log=print):
     )
     workers = f"{plan.min_workers}..{plan.world_size}" if plan.min_workers else plan.world_size
     log(f"train         {workers} Ray workers, {plan.backend}, run '{plan.run_name}' in {plan.storage_path}")
-    result = trainer.fit()
+    with patch_environment(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=plan.restart_wait_s):  # read by the controller
+        result = trainer.fit()
     return _finish(plan, result.checkpoint)
 
 

@@ -8,17 +8,17 @@ sources. It touches no cluster, no GPU and no disk beyond reading the recipe.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import callbacks
 from .errors import RecipeError
-from .recipe import ACCELERATE_BACKENDS, FSDP2_UNREAD_ENV, RECIPES, Recipe, fsdp2_launch_args, gpu_only_settings
+from .accelerate_config import ACCELERATE_BACKENDS, deepspeed_config_for, fsdp_config_for, launch_env
+from .recipe import RECIPES, Recipe, gpu_only_settings
 
 
 @dataclass
@@ -55,106 +55,16 @@ class Plan:
     # elastic: Ray Train may run anywhere from min_workers to world_size workers (the global batch is kept)
     min_workers: int = 0  # 0: a fixed world size
     resize_interval_s: float = 60.0  # how often a running elastic group checks for more resources (Ray's default)
+    # How long a (re)start waits for its workers' placement before Ray Train re-plans the group size. Ray Train
+    # sizes a restart from the resources it sees at once, and a node lost a second ago still counts for ~7 s:
+    # Ray's 60 s wait on that stale size is most of a node-loss recovery. Elastic runs re-plan after 15 s.
+    restart_wait_s: float = 60.0
     checkpoint_upload: str = "sync"  # "async": checkpoints upload in a background thread while training goes on
+    callbacks: list[dict[str, Any]] = field(default_factory=list)  # ray.callbacks: [{"name": "mod:Class", "kwargs": {}}]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Plan":
-        return cls(**d)
-
-
-def accelerate_env(config_path: Path, num_machines: int, num_processes: int, mixed_precision: str | None,
-                   extra_argv: list[str] = ()) -> dict[str, str]:
-    """The ACCELERATE_*/FSDP_* variables `accelerate launch --config_file` sets, computed by accelerate itself."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
-
-    argv = ["--config_file", str(config_path), "--num_machines", str(num_machines), "--num_processes", str(num_processes)]
-    argv += list(extra_argv)
-    # Ray Train forms the process group itself; the port only has to satisfy accelerate's in-use check
-    # (a busy 29500, e.g. a torchrun job on this machine, would make it refuse a multi-node plan).
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    argv += ["--machine_rank", "0", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
-    if mixed_precision:
-        argv += ["--mixed_precision", mixed_precision]
-    args = launch_command_parser().parse_args(argv + ["train.py"])
-    with _quiet():
-        args, defaults, mp_from_flag = _validate_launch_command(args)
-    if args.use_deepspeed:
-        fields_ = list(defaults.deepspeed_config.keys()) if defaults else []
-        args.deepspeed_fields_from_accelerate_config = ",".join(fields_ + (["mixed_precision"] if mp_from_flag else []))
-        with _quiet():
-            _, env = prepare_deepspeed_cmd_env(args)
-    else:
-        env = prepare_multi_gpu_env(args)
-    env = {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
-    if env.get("FSDP_VERSION") == "2":  # the FSDP1 knobs FSDP2 does not read (recipe.py warned about each)
-        env = {k: v for k, v in env.items() if k not in FSDP2_UNREAD_ENV}
-    return env
-
-
-@contextlib.contextmanager
-def _quiet():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def deepspeed_config_for(env: dict[str, str], training: dict[str, Any], world_size: int, gbs: int) -> dict[str, Any]:
-    """The DeepSpeed config accelerate's DeepSpeedPlugin builds from that environment, with the Trainer's
-    'auto' values filled in the way transformers fills them."""
-    from accelerate.utils import DeepSpeedPlugin, patch_environment
-
-    with patch_environment(**env), _quiet():
-        plugin = DeepSpeedPlugin()
-        plugin.set_mixed_precision(env.get("ACCELERATE_MIXED_PRECISION", "no"))
-    cfg = json.loads(json.dumps(plugin.deepspeed_config, default=str))
-    fill = {
-        "train_micro_batch_size_per_gpu": training.get("per_device_train_batch_size", 8),
-        "gradient_accumulation_steps": training.get("gradient_accumulation_steps", 1),
-        "train_batch_size": gbs,
-        "gradient_clipping": training.get("max_grad_norm", 1.0),
-    }
-    for k, v in fill.items():
-        if cfg.get(k, "auto") == "auto":
-            cfg[k] = v
-    cfg.pop("steps_per_print", None)
-    return cfg
-
-
-def fsdp_config_for(env: dict[str, str]) -> dict[str, Any]:
-    """The FSDP2 settings accelerate's FullyShardedDataParallelPlugin resolves from that environment (and the
-    Accelerator's mixed precision), as plain values: what each worker's `fully_shard` calls will get."""
-    from accelerate.utils import FullyShardedDataParallelPlugin, patch_environment
-
-    with patch_environment(**env), _quiet():
-        plugin = FullyShardedDataParallelPlugin()
-        mixed = env.get("ACCELERATE_MIXED_PRECISION", "no")
-        if mixed != "no":
-            plugin.set_mixed_precision(mixed)
-    wrap = getattr(plugin.auto_wrap_policy, "__name__", None)
-    if wrap == "transformer_auto_wrap_policy":
-        wrap = f"each {', '.join(plugin.transformer_cls_names_to_wrap or ['model._no_split_modules'])} module"
-    elif wrap == "size_based_auto_wrap_policy":
-        wrap = f"each module over {plugin.min_num_params:,} parameters"
-    mp = plugin.mixed_precision_policy
-    return {
-        "fsdp_version": plugin.fsdp_version,
-        "auto_wrap": wrap or "no wrap (one unit for the whole model)",
-        "reshard_after_forward": plugin.reshard_after_forward,
-        "offload_params": type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy",
-        "mixed_precision": {k: str(getattr(mp, k)).replace("torch.", "") for k in ("param_dtype", "reduce_dtype")}
-        if mp is not None else "no (parameters, compute and gradient reduction in the model's dtype)",
-        "state_dict_type": plugin.state_dict_type.name,
-        "cpu_ram_efficient_loading": plugin.cpu_ram_efficient_loading,
-        "activation_checkpointing": plugin.activation_checkpointing,
-    }
 
 
 def worker_range(name: str, value, per_node: int = 1) -> tuple[int, int] | None:
@@ -208,6 +118,25 @@ def cpu_only_overrides(model: dict, training: dict, explicit: frozenset[str]) ->
     return {k: v for k, v in out.items() if k not in explicit}
 
 
+def apply_tiny(recipe: Recipe, explicit: frozenset[str], storage_path: str, model: dict, training: dict,
+               ray_cfg: dict) -> tuple[dict, dict[str, Any]]:
+    """--tiny, in one place: the tiny model of the recipe's family and its learnable data under storage, CPU-sized
+    settings (what the user --set stays). Returns the tiny data entries and every override, for the plan to show."""
+    from . import tiny as tiny_mod
+
+    overrides = {k: v for k, v in tiny_mod.tiny_overrides(recipe).items() if k not in explicit}
+    for key, value in overrides.items():
+        section = model if key in recipe.model or key in tiny_mod.MODEL_KEYS else training
+        section[key] = value
+    if "ray.global_batch_size" not in explicit:  # the recipe's GPU-sized one
+        ray_cfg.pop("global_batch_size", None)
+    assets = tiny_mod.assets_dir(storage_path)
+    if "model_name_or_path" not in explicit:  # e.g. a pipeline stage starting from the previous stage's export
+        model["model_name_or_path"] = str(tiny_mod.model_dir(assets, recipe.model["model_name_or_path"]))
+        overrides["model_name_or_path"] = f"tiny {tiny_mod._family(recipe.model['model_name_or_path'])} built from a config"
+    return tiny_mod.tiny_script(recipe, assets), overrides
+
+
 def build_plan(
     recipe: Recipe,
     tiny: bool = False,
@@ -227,14 +156,15 @@ def build_plan(
     script = dict(recipe.script)
     ray_cfg = dict(recipe.ray)
     acc = recipe.accelerate
+    storage_path = storage or ray_cfg.get("storage_path") or os.environ.get("RAYTRAIN_ALIGN_STORAGE") or "~/ray_results"
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).expanduser().resolve())
+    from .sources import check_local
+
+    check_local(script)  # local paths only (Hub ids are checked when loaded); --tiny keeps local entries
     overrides: dict[str, Any] = {}
     if tiny:
-        overrides = {k: v for k, v in tiny_mod.tiny_overrides(recipe).items() if k not in explicit}
-        for key, value in overrides.items():
-            section = model if key in recipe.model or key in tiny_mod.MODEL_KEYS else training
-            section[key] = value
-        if "ray.global_batch_size" not in explicit:  # the recipe's GPU-sized one
-            ray_cfg.pop("global_batch_size", None)
+        script, overrides = apply_tiny(recipe, explicit, storage_path, model, training, ray_cfg)
 
     num_machines = acc.get("num_machines", 1) or 1
     per_node_default = max(1, (acc.get("num_processes", 1) or 1) // num_machines)
@@ -283,26 +213,13 @@ def build_plan(
 
     backend = ACCELERATE_BACKENDS[acc["distributed_type"]]
     mixed = None if use_gpu else "no"
-    extra = fsdp2_launch_args(acc, recipe.accelerate_path)[0] if backend == "fsdp" else []
-    env = accelerate_env(recipe.accelerate_path, nodes_, world, mixed, extra)
+    env = launch_env(recipe.accelerate_path, nodes_, world, mixed, recipe.accelerate_argv)
     ds_cfg = deepspeed_config_for(env, training, world, gbs) if backend == "deepspeed" else None
     fsdp_cfg = fsdp_config_for(env) if backend == "fsdp" else None
 
     run_name = training.get("run_name") or default_run_name(recipe)
     if tiny:
         run_name = f"{run_name}-tiny"
-    storage_path = storage or ray_cfg.get("storage_path") or os.environ.get("RAYTRAIN_ALIGN_STORAGE") or "~/ray_results"
-    if "://" not in storage_path:
-        storage_path = str(Path(storage_path).expanduser().resolve())
-    from .sources import check_local
-
-    check_local(script)  # local paths only (Hub ids are checked when loaded); --tiny keeps local entries
-    if tiny:
-        assets = tiny_mod.assets_dir(storage_path)
-        script = tiny_mod.tiny_script(recipe, assets)
-        if "model_name_or_path" not in explicit:  # e.g. a pipeline stage starting from the previous stage's export
-            model["model_name_or_path"] = str(tiny_mod.model_dir(assets, recipe.model["model_name_or_path"]))
-            overrides["model_name_or_path"] = f"tiny {tiny_mod._family(recipe.model['model_name_or_path'])} built from a config"
     out = output_dir or training.get("output_dir") or f"data/{run_name}"
     if tiny and not output_dir:
         out = f"{out}-tiny"
@@ -351,7 +268,9 @@ def build_plan(
         fsdp_config=fsdp_cfg,
         min_workers=lo_world if lo_world < world else 0,
         resize_interval_s=float(ray_cfg.get("resize_interval_s") or 60.0),
+        restart_wait_s=float(ray_cfg.get("restart_wait_s") or (15.0 if lo_world < world else 60.0)),
         checkpoint_upload=checkpoint_upload,
+        callbacks=callbacks.normalize(ray_cfg.get("callbacks")),
     )
 
 
@@ -365,9 +284,12 @@ def describe(plan: Plan) -> str:
     ]
     if plan.min_workers:
         lines.append(f"elastic       {plan.min_workers}..{plan.world_size} workers; grad-acc follows the world size, GBS "
-                     f"{plan.global_batch_size} kept; up to {plan.max_failures} restarts after failures")
+                     f"{plan.global_batch_size} kept; up to {plan.max_failures} restarts after failures, each waiting "
+                     f"{plan.restart_wait_s:g}s for its workers before sizing again")
     if plan.checkpoint_upload == "async":
         lines.append("checkpoints   uploaded in the background (ray.checkpoint_upload: async); training does not wait")
+    if plan.callbacks:
+        lines.append(f"callbacks     {callbacks.describe(plan.callbacks)} (ray.callbacks, on every worker)")
     lines += [
         f"backend       {plan.backend} (from {plan.accelerate_config})",
     ]

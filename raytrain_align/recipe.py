@@ -9,7 +9,6 @@ format. Unknown keys and wrong types are refused here with a one-line hint, neve
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import math
 import os
@@ -23,7 +22,9 @@ from typing import Any
 
 import yaml
 
-from .errors import RecipeError
+from .accelerate_config import fsdp2_launch_args
+from .accelerate_config import load as load_accelerate_config
+from .errors import RecipeError, did_you_mean, read_yaml_mapping
 
 # Registered recipe names -> (path under recipes/, training method).
 RECIPES: dict[str, tuple[str, str]] = {
@@ -40,6 +41,7 @@ RAY_FIELDS: dict[str, Any] = {
     "nodes": int | str,  # machines, or "MIN:MAX" (elastic); default: the accelerate config's num_machines
     "num_workers": int | str,  # Ray workers, or "MIN:MAX" (elastic); beats nodes x gpus_per_node
     "resize_interval_s": int | float,  # elastic: how often a running group looks for more resources (Ray: 60)
+    "restart_wait_s": int | float,  # elastic: how long a (re)start waits for its workers' resources, then re-plans
     "gpus_per_node": int,  # workers per machine; default: num_processes / num_machines
     "cpus_per_worker": int,  # CPUs reserved per training worker
     "storage_path": str,  # Ray Train storage: local dir, NFS mount or s3:// URI
@@ -50,6 +52,7 @@ RAY_FIELDS: dict[str, Any] = {
     "checkpoint_upload": str,  # "sync" (training waits for the commit) or "async" (uploads in the background)
     "use_gpu": bool,  # false: CPU workers over gloo (what --cpu does), e.g. to try a recipe and its data on a laptop
     "method": str,  # sft | dpo | orpo: beats the folder the recipe sits in (the handbook's recipes/<model>/<method>/)
+    "callbacks": list | str | dict,  # extra TrainerCallbacks on every worker: [module:Class, {module:Class: {kwargs}}]
 }
 
 # The handbook's training scripts (scripts/sft.py, dpo.py, orpo.py), one per method; its recipes sit in a folder
@@ -126,6 +129,7 @@ class Recipe:
     ray: dict[str, Any] = field(default_factory=dict)  # the `ray:` section
     accelerate: dict[str, Any] = field(default_factory=dict)  # parsed accelerate config file
     accelerate_path: Path | None = None
+    accelerate_argv: list[str] = field(default_factory=list)  # FSDP: `accelerate launch` flags mapping it onto FSDP2
     warnings: list[str] = field(default_factory=list)  # one line per translated field
 
 
@@ -146,11 +150,6 @@ def _config_fields(method: str) -> tuple[dict, dict, dict]:
     training = {**hints(config_class(method)), **HANDBOOK_TRAIN_FIELDS}
     # ModelConfig and SFTConfig share a few names (e.g. trust_remote_code): both receive them.
     return model, script, training
-
-
-def _closest(key: str, candidates) -> str:
-    match = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""
 
 
 def _type_name(tp) -> str:
@@ -208,7 +207,7 @@ def _integer(v) -> bool:
 # Ranges the types alone do not say: (fields, test, what the value must be). `ray.` fields are the ray section's.
 VALUE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
     (("learning_rate", "num_train_epochs", "beta", "adam_epsilon", "save_steps", "logging_steps", "eval_steps",
-      "ray.resize_interval_s"), lambda v: _number(v) and v > 0, "a finite number > 0"),
+      "ray.resize_interval_s", "ray.restart_wait_s"), lambda v: _number(v) and v > 0, "a finite number > 0"),
     (("weight_decay", "max_grad_norm", "warmup_steps"), lambda v: _number(v) and v >= 0, "a finite number >= 0"),
     (("adam_beta1", "adam_beta2", "label_smoothing_factor"), lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     (("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_length",
@@ -257,7 +256,7 @@ def _check_mixture(where: str, mixture) -> None:
         raise RecipeError(f"{where}: 'dataset_mixture' needs a 'datasets:' list of entries with id/config/split/columns/weight")
     for key in mixture:
         if key not in MIXTURE_KEYS:
-            raise RecipeError(f"{where}: unknown key 'dataset_mixture.{key}'{_closest(key, MIXTURE_KEYS)}")
+            raise RecipeError(f"{where}: unknown key 'dataset_mixture.{key}'{did_you_mean(key, MIXTURE_KEYS)}")
     if not isinstance(mixture["datasets"], list) or not mixture["datasets"]:
         raise RecipeError(f"{where}: 'dataset_mixture.datasets' must be a non-empty list")
     for i, entry in enumerate(mixture["datasets"]):
@@ -266,7 +265,7 @@ def _check_mixture(where: str, mixture) -> None:
         for key in entry:
             if key not in MIXTURE_ENTRY_KEYS:
                 raise RecipeError(
-                    f"{where}: unknown key 'dataset_mixture.datasets[{i}].{key}'{_closest(key, MIXTURE_ENTRY_KEYS)}"
+                    f"{where}: unknown key 'dataset_mixture.datasets[{i}].{key}'{did_you_mean(key, MIXTURE_ENTRY_KEYS)}"
                 )
         w = entry.get("weight", 1.0)
         if w is not None and not (_number(w) and w >= 0):
@@ -303,27 +302,9 @@ def resolve_recipe_path(name_or_path: str) -> tuple[str, Path, str | None]:
             raise RecipeError(f"recipe file '{name_or_path}' does not exist; pass a YAML path or one of: {', '.join(RECIPES)}")
         return path.stem, path, None
     raise RecipeError(
-        f"unknown recipe '{name_or_path}'{_closest(name_or_path, RECIPES)}; known recipes: {', '.join(RECIPES)} "
+        f"unknown recipe '{name_or_path}'{did_you_mean(name_or_path, RECIPES)}; known recipes: {', '.join(RECIPES)} "
         "(or pass a path to a recipe YAML)"
     )
-
-
-def _read_yaml(path: Path, what: str) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise RecipeError(f"{what} '{path}' is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML") from None
-    except OSError as e:
-        raise RecipeError(f"{what} '{path}' cannot be read ({e.strerror}); check the path and its permissions") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{what} '{path}'{line} is not valid YAML ({getattr(e, 'problem', e)}); fix the file") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"{what} '{path}' must be a YAML mapping of keys to values")
-    return data
 
 
 def config_class(method: str):
@@ -410,7 +391,7 @@ def _apply_overrides(raw: dict, overrides: dict[str, Any], known: set[str], sour
         head, _, rest = key.partition(".")
         if head == "ray":
             if rest not in RAY_FIELDS:
-                raise RecipeError(f"{source} 'ray.{rest}' is not a ray setting{_closest(rest, RAY_FIELDS)}; known: {', '.join(RAY_FIELDS)}")
+                raise RecipeError(f"{source} 'ray.{rest}' is not a ray setting{did_you_mean(rest, RAY_FIELDS)}; known: {', '.join(RAY_FIELDS)}")
             raw.setdefault("ray", {})[rest] = value
         elif head == "dataset_mixture" and rest:
             if rest not in MIXTURE_KEYS - {"datasets"}:
@@ -420,7 +401,7 @@ def _apply_overrides(raw: dict, overrides: dict[str, Any], known: set[str], sour
             raise RecipeError(f"{source} '{key}': only ray.* and dataset_mixture.* keys take a dot")
         else:
             if key not in known:
-                raise RecipeError(f"{source} '{key}' is not a recipe key{_closest(key, known)}")
+                raise RecipeError(f"{source} '{key}' is not a recipe key{did_you_mean(key, known)}")
             raw[key] = value
 
 
@@ -429,7 +410,7 @@ def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None, acce
     name, path, method = resolve_recipe_path(name_or_path)
     if not path.is_file():
         raise RecipeError(f"recipe '{name}' points at '{path}', which is missing; set RAYTRAIN_ALIGN_RECIPES to the recipes/ folder")
-    raw = _read_yaml(path, "recipe")
+    raw = read_yaml_mapping(path, "recipe")
     section = raw.get("ray") if isinstance(raw.get("ray"), dict) else {}
     explicit = (overrides or {}).get("ray.method", section.get("method"))
     if method is None:  # a file: what it says it trains
@@ -472,13 +453,13 @@ def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None, acce
                 raise RecipeError(f"{where}: 'ray:' must be a mapping of {', '.join(RAY_FIELDS)}")
             for rk, rv in value.items():
                 if rk not in RAY_FIELDS:
-                    raise RecipeError(f"{where}: unknown key 'ray.{rk}'{_closest(rk, RAY_FIELDS)}")
+                    raise RecipeError(f"{where}: unknown key 'ray.{rk}'{did_you_mean(rk, RAY_FIELDS)}")
                 if rv is not None:
                     _check_type(where, f"ray.{rk}", rv, RAY_FIELDS[rk])
             recipe.ray = dict(value)
             continue
         if key not in known:
-            raise RecipeError(f"{where}: unknown key '{key}'{_closest(key, known)}")
+            raise RecipeError(f"{where}: unknown key '{key}'{did_you_mean(key, known)}")
         placed = False
         for section, fields_ in ((recipe.model, model_f), (recipe.script, script_f), (recipe.training, train_f)):
             if key in fields_:
@@ -498,7 +479,8 @@ def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None, acce
     recipe.accelerate_path = _find_accelerate_config(acc, path)
     recipe.accelerate = load_accelerate_config(recipe.accelerate_path)
     if recipe.accelerate["distributed_type"] == "FSDP":
-        recipe.warnings += fsdp2_launch_args(recipe.accelerate, recipe.accelerate_path)[1]
+        recipe.accelerate_argv, fsdp_warnings = fsdp2_launch_args(recipe.accelerate, recipe.accelerate_path)
+        recipe.warnings += fsdp_warnings
     return recipe
 
 
@@ -511,107 +493,3 @@ def _find_accelerate_config(acc: str, recipe_path: Path) -> Path:
     raise RecipeError(
         f"accelerate config '{acc}' not found; pass --accelerate-config recipes/accelerate_configs/zero3.yaml (or fsdp.yaml, ddp.yaml)"
     )
-
-
-ACCELERATE_BACKENDS = {"DEEPSPEED": "deepspeed", "FSDP": "fsdp", "MULTI_GPU": "ddp", "MULTI_CPU": "ddp", "NO": "ddp"}
-
-
-def load_accelerate_config(path: Path) -> dict:
-    """An accelerate config file, checked against accelerate's own ClusterConfig fields."""
-    from accelerate.commands.config.config_args import ClusterConfig
-
-    data = _read_yaml(path, "accelerate config")
-    known = {f.name for f in dataclasses.fields(ClusterConfig)}
-    for key in data:
-        if key not in known:
-            raise RecipeError(f"accelerate config '{path}': unknown key '{key}'{_closest(key, known)}")
-    dt = data.get("distributed_type")
-    if dt not in ACCELERATE_BACKENDS:
-        raise RecipeError(
-            f"accelerate config '{path}': distributed_type must be one of {', '.join(ACCELERATE_BACKENDS)}, got {dt!r}"
-        )
-    ds = data.get("deepspeed_config") or {}
-    if dt == "DEEPSPEED":
-        stage = ds.get("zero_stage")
-        if stage not in (0, 1, 2, 3):
-            raise RecipeError(f"accelerate config '{path}': deepspeed_config.zero_stage must be 0-3, got {stage!r}")
-        if ds.get("deepspeed_config_file"):
-            raise RecipeError(
-                f"accelerate config '{path}': deepspeed_config_file is not supported yet; put zero_stage/offload_* keys in deepspeed_config"
-            )
-    from accelerate.utils import PrecisionType
-
-    mp = data.get("mixed_precision")
-    if mp is not None and str(mp) not in PrecisionType.list():
-        raise RecipeError(f"accelerate config '{path}': mixed_precision must be one of {', '.join(PrecisionType.list())}, "
-                          f"got {mp!r}")
-    for key in ("num_machines", "num_processes"):
-        v = data.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise RecipeError(f"accelerate config '{path}': {key} must be a positive int, got {v!r}")
-    return data
-
-
-# ----------------------------------------------------------------------------------------------- FSDP2
-
-# fsdp_config keys of FSDP1-era configs (the handbook's fsdp.yaml) that FSDP2 in accelerate 1.15 no longer reads
-# (FullyShardedDataParallelPlugin reads them only for fsdp_version 1), and what FSDP2 does instead.
-FSDP2_NOT_HONOURED = {
-    "fsdp_backward_prefetch": "FSDP2 always prefetches the next layer's all-gather in backward (accelerate drops "
-                              "backward_prefetch)",
-    "fsdp_forward_prefetch": "FSDP2 has no explicit forward prefetch (accelerate refuses it); its implicit "
-                             "prefetching overlaps the all-gathers",
-    "fsdp_use_orig_params": "FSDP2 always trains the original parameters, as DTensors",
-    "fsdp_sync_module_states": "FSDP2 needs no sync; with fsdp_cpu_ram_efficient_loading rank 0's weights are "
-                               "broadcast into the shards",
-}
-# The environment variables accelerate's launcher derives from those keys; the FSDP2 plugin reads none of them.
-FSDP2_UNREAD_ENV = ("FSDP_SHARDING_STRATEGY", "FSDP_BACKWARD_PREFETCH", "FSDP_FORWARD_PREFETCH",
-                    "FSDP_USE_ORIG_PARAMS", "FSDP_SYNC_MODULE_STATES")
-# FSDP1 sharding strategies FSDP2 expresses as reshard_after_forward; the others need a 2-D mesh or no sharding.
-FSDP2_RESHARD = {"FULL_SHARD": "true", "SHARD_GRAD_OP": "false"}
-
-
-def fsdp2_launch_args(data: dict, path: Path) -> tuple[list[str], list[str]]:
-    """An FSDP accelerate config mapped onto FSDP2: the `accelerate launch` flags to add (fsdp_version 2 and
-    reshard_after_forward from the FSDP1 sharding strategy) and one warning line per key FSDP2 does not honour."""
-    from accelerate.commands.launch import launch_command_parser
-
-    where = f"accelerate config '{path}'"
-    fsdp = {(k if k.startswith("fsdp_") else f"fsdp_{k}"): v for k, v in (data.get("fsdp_config") or {}).items()}
-    known = {a.dest for a in launch_command_parser()._actions if a.dest.startswith("fsdp_")}
-    for key in fsdp:
-        if key not in known:
-            raise RecipeError(f"{where}: unknown key 'fsdp_config.{key}'{_closest(key, known)}")
-    warnings_: list[str] = []
-    if str(fsdp.get("fsdp_version", 2)) != "2":
-        warnings_.append(f"warning: {Path(path).name} says fsdp_version {fsdp['fsdp_version']}; raytrain_align runs FSDP2 "
-                         "(fsdp_version 2); FSDP1 is deprecated in torch and accelerate")
-    state = str(fsdp.get("fsdp_state_dict_type") or "SHARDED_STATE_DICT").upper()
-    if state not in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):
-        raise RecipeError(f"{where}: fsdp_state_dict_type {state} does not exist in FSDP2; use SHARDED_STATE_DICT "
-                          "(torch distributed checkpoint) or FULL_STATE_DICT")
-    reshard = fsdp.get("fsdp_reshard_after_forward")
-    strategy = fsdp.get("fsdp_sharding_strategy")
-    if isinstance(strategy, int) and not isinstance(strategy, bool) and 1 <= strategy <= 5:
-        strategy = ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2"][strategy - 1]
-    if reshard is None and strategy is not None:
-        if str(strategy).upper() not in FSDP2_RESHARD:
-            raise RecipeError(
-                f"{where}: fsdp_sharding_strategy {strategy} has no FSDP2 equivalent here; use FULL_SHARD "
-                "(reshard after forward) or SHARD_GRAD_OP (keep gathered until backward), or ddp.yaml for no sharding"
-            )
-        reshard = FSDP2_RESHARD[str(strategy).upper()]
-    elif reshard is not None and strategy is not None:
-        warnings_.append(f"warning: {Path(path).name}: fsdp_sharding_strategy {strategy} ignored: fsdp_reshard_after_forward "
-                         "is set and FSDP2 reads only that")
-    reshard = FSDP2_RESHARD.get(str(reshard).upper(), reshard)
-    if reshard is not None and str(reshard).lower() not in ("true", "false"):
-        raise RecipeError(f"{where}: fsdp_reshard_after_forward must be true or false under FSDP2, got {reshard!r}")
-    for key, why in FSDP2_NOT_HONOURED.items():
-        if key in fsdp:
-            warnings_.append(f"warning: {Path(path).name}: '{key}: {fsdp[key]}' not honoured by FSDP2: {why}")
-    argv = ["--fsdp_version", "2"]
-    if reshard is not None:
-        argv += ["--fsdp_reshard_after_forward", str(reshard).lower()]
-    return argv, warnings_

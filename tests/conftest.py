@@ -28,11 +28,16 @@ def _ray(*args, **kw):
 @pytest.fixture(scope="session")
 def ray_address(tmp_path_factory):
     """Address of a running local Ray head (2 CPUs, no GPUs, dashboard on), stopped at the end of the session."""
+    from raytrain_align.launch import NODE_HEALTH_CHECKS
+
     port = _free_port()
     temp = tmp_path_factory.mktemp("ray")
-    # With its dashboard, as real clusters run: the Jobs API and Ray Train's state queries need it.
+    # With its dashboard, as real clusters run: the Jobs API and Ray Train's state queries need it. Node health
+    # checks as the project's cluster files set them (RAY_<name> variables).
+    health = {f"RAY_{k}": str(v) for k, v in NODE_HEALTH_CHECKS.items()}
     r = _ray("start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={_free_port()}", f"--temp-dir={temp}", "--disable-usage-stats", timeout=180)
+             f"--dashboard-port={_free_port()}", f"--temp-dir={temp}", "--disable-usage-stats", timeout=180,
+             env={**os.environ, **health})
     assert r.returncode == 0, r.stdout + r.stderr
     address = f"127.0.0.1:{port}"
     yield address
@@ -80,3 +85,69 @@ def run_killing_rank1(args, ray_address, kill_from_step: int):
             os.kill(victim, signal.SIGKILL)
     proc.wait(timeout=60)
     return proc.returncode, "".join(lines), killed_at, t_kill
+
+
+# Tiny ZeRO-3 runs of 20 logged steps, each run once per session and shared by the modules that compare against
+# it: SFT (checkpoint every 5) by test_fidelity (the plain accelerate launch) and test_fsdp (FSDP2); DPO with
+# its partitioned reference model by test_fidelity and test_dpo_reference (the reference's other forms).
+ZERO3_SFT_ARGS = ["sft_mid", "--tiny", "--set", "max_steps=20", "--set", "logging_steps=1", "--set", "save_steps=5",
+                  "--set", "run_name=zero3-sft"]
+ZERO3_DPO_ARGS = ["dpo_apo_zero", "--tiny", "--set", "max_steps=20", "--set", "logging_steps=1",
+                  "--set", "run_name=zero3-dpo"]
+
+
+def _shared_run(args, ray_address, root):
+    """(run summary, storage, output dir) of `python -m raytrain_align ARGS` under `root`."""
+    import json
+
+    storage, out = root / "storage", root / "model"
+    proc = run_cli([*args, "--storage", str(storage), "--output-dir", str(out)], env_extra={"RAY_ADDRESS": ray_address})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads((out / "raytrain_align_run.json").read_text()), storage, out
+
+
+@pytest.fixture(scope="session")
+def zero3_sft(ray_address, tmp_path_factory):
+    return _shared_run(ZERO3_SFT_ARGS, ray_address, tmp_path_factory.mktemp("zero3_sft"))
+
+
+@pytest.fixture(scope="session")
+def zero3_dpo(ray_address, tmp_path_factory):
+    return _shared_run(ZERO3_DPO_ARGS, ray_address, tmp_path_factory.mktemp("zero3_dpo"))
+
+
+def write_checkpoint(run_dir: Path, step: int, damage: str | None = None) -> Path:
+    """A committed checkpoint as the workers write it (two nodes' shards, position file, each node's file list),
+    listed in Ray Train's snapshot, then `damage`d: 'truncated', 'shard deleted', 'position unreadable', 'gone'."""
+    import json
+    import shutil
+
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    from raytrain_align import elastic
+
+    name = f"checkpoint-{step:07d}"
+    for node in (0, 1):  # what each node wrote, then uploaded into the same folder
+        local = run_dir.parent / f"node{node}" / name
+        (local / f"global_step{step}").mkdir(parents=True)
+        (local / f"global_step{step}" / f"zero_pp_rank_{node}_mp_rank_00_optim_states.pt").write_bytes(b"x" * 1000)
+        if node == 0:
+            position = elastic.position(step, 8, 2, 2, 1.0, "save", "a0", None)
+            (local / elastic.POSITION_FILE).write_text(json.dumps(position))
+        elastic.write_file_list(str(local), node)
+        shutil.copytree(local, run_dir / name, dirs_exist_ok=True)
+    ckpt = run_dir / name
+    shard = ckpt / f"global_step{step}" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    if damage == "truncated":
+        shard.write_bytes(b"x" * 400)
+    elif damage == "shard deleted":
+        shard.unlink()
+    elif damage == "position unreadable":
+        (ckpt / elastic.POSITION_FILE).write_text('{"global_step": 1')
+    elif damage == "gone":
+        shutil.rmtree(ckpt)
+    snapshot = run_dir / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    state = json.loads(snapshot.read_text()) if snapshot.exists() else {"checkpoint_results": []}
+    state["checkpoint_results"].append({"checkpoint_dir_name": name, "metrics": {"step": step}})
+    snapshot.write_text(json.dumps(state))
+    return ckpt

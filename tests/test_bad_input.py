@@ -9,7 +9,7 @@ import pytest
 
 from raytrain_align import cli
 
-from .conftest import REPO
+from .conftest import REPO, write_checkpoint
 
 MID = (REPO / "recipes/smollm3/sft/mid.yaml").read_text()
 ZERO3 = (REPO / "recipes/accelerate_configs/zero3.yaml").read_text()
@@ -33,6 +33,14 @@ def _accelerate(old, new):
         acc = t / "acc.yaml"
         acc.write_text(ZERO3.replace(old, new))
         return ["sft_mid", "--accelerate-config", str(acc)]
+    return make
+
+
+def _checkpoints(*damages):
+    def make(t: Path):
+        for i, damage in enumerate(damages):
+            write_checkpoint(t / "storage" / "r-tiny", 5 * (i + 1), damage)
+        return ["sft_mid", "--tiny", "--set", "run_name=r"]
     return make
 
 
@@ -79,6 +87,7 @@ CASES = {
     "dpo beta nan": _set("beta", ".nan", POSITIVE, recipe="dpo_apo_zero"),
     "ray.max_failures below -1": _set("ray.max_failures", -2, "-1 (no limit) or an integer >= 0"),
     "ray.resize_interval_s zero": _set("ray.resize_interval_s", 0, POSITIVE),
+    "ray.restart_wait_s negative": _set("ray.restart_wait_s", -5, POSITIVE),
     "ray.cpus_per_worker zero": _set("ray.cpus_per_worker", 0, INT1),
     "ray.gpus_per_node zero": _set("ray.gpus_per_node", 0, INT1),
     "ray.global_batch_size zero": _set("ray.global_batch_size", 0, INT1),
@@ -113,6 +122,19 @@ CASES = {
     "accelerate num processes": (_accelerate("num_processes: 8", "num_processes: 0"), "num_processes must be a positive int"),
     "accelerate distributed type": (_accelerate("distributed_type: DEEPSPEED", "distributed_type: MAGIC"),
                                     "distributed_type must be one of"),
+    "callback malformed": (lambda t: ["sft_mid", "--tiny", "--set", "ray.callbacks=[no_colon]"],
+                           "ray.callbacks entry 'no_colon' is not a callback; write each as"),
+    "callback not importable": (lambda t: ["sft_mid", "--tiny", "--set", "ray.callbacks=[benchmarks.absent:Nothing]"],
+                                "ray.callbacks: cannot import benchmarks.absent:Nothing"),
+    "callback not a TrainerCallback": (lambda t: ["sft_mid", "--tiny", "--set", "ray.callbacks=[json:dumps]"],
+                                       "json:dumps is not a transformers TrainerCallback class"),
+    "callback wrong argument": (lambda t: ["sft_mid", "--tiny", "--set", "ray.callbacks=[{benchmarks.faults:CrashInSave: {stp: 3}}]"],
+                                "does not take {'stp': 3}"),
+    "checkpoints all damaged": (_checkpoints("shard deleted", "truncated"),
+                                "has no whole checkpoint to resume from (checkpoint-0000010: global_step10/"),
+    "checkpoint position unreadable": (_checkpoints("position unreadable"),
+                                       "(checkpoint-0000005: raytrain_align_position.json is unreadable"),
+    "committed checkpoint gone": (_checkpoints(None, "gone"), "its committed checkpoint-0000010 is gone"),
     "storage under a file": (_under_a_file("--storage"), "cannot be written: "),
     "output dir under a file": (_under_a_file("--output-dir"), "cannot be written: "),
 }

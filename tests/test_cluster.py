@@ -118,3 +118,16 @@ def test_kuberay_rayjob_fields():
     worker = group["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "8" and worker["resources"]["requests"]["nvidia.com/gpu"] == "8"
     assert worker["image"] == head["image"]
+
+
+def test_cluster_heads_set_the_projects_node_health_checks(aws):
+    """aws.yaml's env file (sourced before every `ray start`) and the KubeRay head set Ray's node health checks to
+    launch.NODE_HEALTH_CHECKS, which the local cluster of --tiny gets: a dead node is noticed in seconds."""
+    from raytrain_align.launch import NODE_HEALTH_CHECKS
+
+    env_file = next(c for c in aws["setup_commands"] if "raytrain_align_env.sh" in c)
+    for name, value in NODE_HEALTH_CHECKS.items():
+        assert re.search(rf"\bRAY_{name}={value}\b", env_file), name
+    head = yaml.safe_load((REPO / "cluster/kuberay/rayjob.yaml").read_text())["spec"]["rayClusterSpec"]["headGroupSpec"]
+    env = {e["name"]: e["value"] for e in head["template"]["spec"]["containers"][0]["env"]}
+    assert {k: env.get(f"RAY_{k}") for k in NODE_HEALTH_CHECKS} == {k: str(v) for k, v in NODE_HEALTH_CHECKS.items()}

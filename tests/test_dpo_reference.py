@@ -11,27 +11,28 @@ import json
 
 import pytest
 
-from .conftest import run_cli
+from .conftest import ZERO3_DPO_ARGS, run_cli
 
 pytestmark = pytest.mark.slow
 
-STEPS = 8
+STEPS = 20
 
 
 def _dpo(storage, out, name, *sets, ray_address):
-    extra = [a for s in (f"max_steps={STEPS}", f"run_name={name}", *sets) for a in ("--set", s)]
-    proc = run_cli(["dpo_apo_zero", "--tiny", "--storage", str(storage), "--output-dir", str(out), *extra],
+    """The session's shared DPO run (conftest.ZERO3_DPO_ARGS: 20 steps, a loss logged each) with `sets` added."""
+    extra = [a for s in (f"run_name={name}", *sets) for a in ("--set", s)]
+    proc = run_cli([*ZERO3_DPO_ARGS, "--storage", str(storage), "--output-dir", str(out), *extra],
                    env_extra={"RAY_ADDRESS": ray_address})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads((out / "raytrain_align_run.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def runs(ray_address, tmp_path_factory):
+def runs(ray_address, zero3_dpo, tmp_path_factory):
+    engine, storage, _ = zero3_dpo  # its storage: the same prepared data
     root = tmp_path_factory.mktemp("dpo_reference")
-    storage = root / "storage"
     return {
-        "engine": _dpo(storage, root / "engine", "dpo-ref-engine", ray_address=ray_address),
+        "engine": engine,
         "precomputed": _dpo(storage, root / "precomputed", "dpo-ref-precomputed", "precompute_ref_log_probs=true",
                             ray_address=ray_address),
         "lora": (_dpo(storage, root / "lora", "dpo-ref-lora", "use_peft=true", "lora_r=16", "lora_alpha=32",

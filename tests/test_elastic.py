@@ -1,18 +1,15 @@
 """Elastic and fault-tolerant training on a real multi-node Ray cluster on one machine (`ray.cluster_utils.Cluster`:
 a head without CPUs plus 2-CPU raylets, nodes removed, drained and added for real), tiny ZeRO-3 SFT over gloo.
-The scenarios are `benchmarks/fault_tolerance.py`'s (which writes docs/fault-tolerance.md from the same records);
-here each one is asserted: restart cause and world sizes, global batch kept, optimizer state equal after the
+The scenarios are `benchmarks/fault_tolerance.py`'s (which writes docs/fault-tolerance.md from the same records):
+FSDP2 losing a node and getting it back, the driver killed and relaunched over a damaged latest checkpoint, and
+a chaos run with every fault in one run (ZeRO-3 shrinking and growing, a drain, a crash while saving). Here
+each one is asserted: restart cause and world sizes, global batch kept, optimizer state equal after the
 resume (digest from the shards), every sample of each epoch trained exactly once (the per-sample log), the loss
 continuing the uninterrupted run's curve, the final model loading."""
 
-import sys
-
 import pytest
 
-from .conftest import REPO
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-import fault_tolerance as ft  # noqa: E402
+from benchmarks import fault_tolerance as ft
 
 pytestmark = pytest.mark.slow
 
@@ -49,17 +46,17 @@ def _common(r, reference):
         s = start["resumed_step"]
         assert s > 0 and s % ft.SAVE_EVERY == 0 or start["cause"].startswith("preemption")
         assert start["optimizer_state_max_rel_diff"] < 1e-9  # Adam moments + master weights as saved
-        # the curve goes on from where it was: the first loss after the resume is near the uninterrupted run's at
-        # that step, far below the initial loss a fresh optimizer or a rewound data position would give. (Same
-        # world size: equal to the last digit. After a universal-checkpoint reshard the curve drifts by a few
-        # 1e-2 over 30 steps although the optimizer digest matches; see docs/fault-tolerance.md.)
-        assert abs(losses[s + 1] - ref[s + 1]) < 0.05 < 0.2 < losses[1] - losses[s + 1], (s, losses[s + 1], ref[s + 1])
-    assert r["max_loss_diff_vs_uninterrupted"] < 0.1
-    if all(s["world_size"] == 2 for s in r["starts"]):  # no reshard: the run is the uninterrupted one
-        assert r["max_loss_diff_vs_uninterrupted"] < 1e-5
+        # the curve goes on from where it was, far below the initial loss a fresh optimizer or a rewound data
+        # position would give
+        assert 0.2 < losses[1] - losses[s + 1], (s, losses[s + 1], ref[s + 1])
+    # and it is the uninterrupted run's curve: to the last digit at one world size; through a reshard (another
+    # reduction order at world 4, DeepSpeed's universal format repaired by elastic.repair_universal_load, or
+    # torch distributed checkpoint) within 1e-4 over every step
+    exact = all(s["world_size"] == 2 for s in r["starts"])
+    assert r["max_loss_diff_vs_uninterrupted"] < (1e-5 if exact else 1e-4), r["max_loss_diff_vs_uninterrupted"]
 
 
-@pytest.mark.parametrize("backend", ["deepspeed", "fsdp"])
+@pytest.mark.parametrize("backend", ["fsdp"])  # ZeRO-3's node loss and return: in the chaos run below
 def test_node_lost_then_added_back_keeps_batch_and_optimizer(cluster, storage, reference, backend):
     c, nodes = cluster
     r = ft.node_lost_and_back(c, nodes, c.address, storage, reference, backend=backend)
@@ -72,39 +69,73 @@ def test_node_lost_then_added_back_keeps_batch_and_optimizer(cluster, storage, r
     for start in (shrink, grow):
         if backend == "deepspeed":  # deepspeed refuses a ZeRO-3 checkpoint of another world size: universal format
             assert "via universal checkpoint" in start["resharded"]
-            # deepspeed's universal load shares one Adam step tensor between the sub-groups; split (elastic.py)
+            # deepspeed's universal load shares one Adam step tensor between the sub-groups; split on every rank
             assert "shared Adam step counter split" in start["resharded"]
         else:  # torch distributed checkpoint: the sharded model and optimizer state reshard on load
             assert start["resharded"].startswith("fsdp 4 -> 2" if start is shrink else "fsdp 2 -> 4")
     assert r["final_world_size"] == 4
-    if backend == "fsdp":  # torch distributed checkpoint reshards exactly: the curve is the uninterrupted one's
-        assert r["max_loss_diff_vs_uninterrupted"] < 1e-4  # (measured 4.8e-7, against the ZeRO-3 reference)
 
 
-def test_node_drain_takes_an_emergency_checkpoint_and_loses_no_step(cluster, storage, reference):
-    c, nodes = cluster
-    r = ft.node_drained(c, nodes, c.address, storage, reference)
-    _common(r, reference)
-    assert r["restarts"] == 1
-    restart = r["starts"][1]
-    assert restart["cause"] == "preemption (node drain)" and restart["world_size"] == 2
-    assert restart["resumed_step"] == r["emergency_checkpoint_step"] == restart["prev_last_step"]
-    assert restart["steps_lost"] == 0
-
-
-def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(cluster, storage, reference):
-    c, nodes = cluster
-    r = ft.crash_during_checkpoint(c, nodes, c.address, storage, reference)
-    _common(r, reference)
-    restart = r["starts"][1]
-    assert restart["cause"] == "worker group restart after a failure"
-    assert restart["resumed_step"] == ft.SAVE_EVERY  # the step-10 checkpoint never became the latest
-    assert f"checkpoint-{2 * ft.SAVE_EVERY:07d}" not in r["checkpoints_in_storage_at_restart"]
-
-
-def test_killed_driver_relaunched_continues(cluster, storage, reference):
+def test_killed_driver_relaunched_continues_from_the_last_whole_checkpoint(cluster, storage, reference):
     c, nodes = cluster
     r = ft.driver_killed(c, nodes, c.address, storage, reference)
     _common(r, reference)
     restart = r["starts"][1]
-    assert restart["cause"] == "driver relaunch" and restart["resumed_step"] >= ft.SAVE_EVERY
+    assert restart["cause"] == "driver relaunch"
+    # the latest checkpoint had a truncated shard: skipped with what was wrong, the one before it resumed
+    assert restart["resumed_step"] == int(r["checkpoint_before"].split("-")[1]) >= ft.SAVE_EVERY
+    [skipped] = restart["damaged_checkpoints_skipped"]
+    assert skipped.startswith(f"{r['damaged_checkpoint']}: global_step") and "bytes, " in skipped
+
+
+@pytest.fixture(scope="module")
+def chaos_reference(cluster, storage):
+    return ft.uninterrupted(cluster[0].address, storage, CHAOS_STEPS)
+
+
+CHAOS_STEPS = 120
+
+
+def test_chaos_run_survives_every_fault_in_one_run(cluster, storage, chaos_reference):
+    """benchmarks/fault_tolerance.py's chaos run, shorter: a worker killed, a node removed and added back, a node
+    drained (then removed and added back), a worker crashing while a checkpoint is written and the driver killed
+    and relaunched, at seeded random steps of one elastic 2..4-worker run."""
+    c, nodes = cluster
+    r = ft.chaos(c, nodes, c.address, storage, chaos_reference, steps=CHAOS_STEPS, save_every=10, seed=1)
+    check_chaos(r, CHAOS_STEPS, save_every=10)
+
+
+def check_chaos(r: dict, steps: int, save_every: int) -> None:
+    """What a chaos run must show (also applied to the benchmark's 200-step record)."""
+    summary = {k: r[k] for k in ("injected", "restarts")} | {"causes": [s["cause"] for s in r["starts"]]}
+    assert r["returncode"] == 0 and r["steps"] == steps
+    assert r["exactly_once"], r["trained_steps"]
+    assert r["samples_per_step"] == [ft.GBS]
+    causes = [s["cause"] for s in r["starts"][1:]]
+    for cause in ("worker group restart after a failure", "shrink 4 -> 2 (workers lost)", "grow 2 -> 4 (resources added)",
+                  "preemption (node drain)", "driver relaunch"):
+        assert cause in causes, (cause, summary)
+    assert len(causes) >= 7, summary  # the run log lists every restart
+    crash = next(f["step"] for f in r["injected"] if f["fault"] == "crash while saving")
+    emergency = {s["resumed_step"] for s in r["starts"] if s["cause"] == "preemption (node drain)"}
+    first = r["starts"][0]
+    assert first["world_size"] == 4 and first["gradient_accumulation_steps"] == 3
+    for start in r["starts"][1:]:
+        assert start["global_batch_size"] == ft.GBS
+        assert start["gradient_accumulation_steps"] * start["world_size"] == ft.GBS
+        if start["resumed_step"]:  # (a fault before the first checkpoint starts over)
+            assert start["optimizer_state_max_rel_diff"] < 1e-9, summary  # Adam moments + master weights as saved
+        if start["cause"] == "preemption (node drain)":  # the emergency checkpoint: no step lost
+            assert start["steps_lost"] == 0 and start["resumed_step"] == start["prev_last_step"], summary
+        else:  # a committed checkpoint: a save step, or the drain's emergency one
+            assert start["resumed_step"] % save_every == 0 or start["resumed_step"] in emergency, summary
+        if start.get("resharded"):  # a checkpoint of another world size: deepspeed's universal format, repaired on
+            assert "via universal checkpoint" in start["resharded"]  # every rank (elastic.py)
+            assert "shared Adam step counter split" in start["resharded"]
+    for change in ("shrink", "grow"):  # (a grow may resume from a checkpoint saved at its own size: no reshard)
+        assert any(s["cause"].startswith(change) and s.get("resharded") for s in r["starts"]), (change, summary)
+    # the save the crash cut short never became the checkpoint a restart resumed from: the one before it did
+    assert any(s["cause"] in ("worker group restart after a failure", "shrink 4 -> 2 (workers lost)")
+               and crash - save_every <= s["resumed_step"] < crash for s in r["starts"][1:]), (crash, summary)
+    assert r["final_world_size"] == 4
+    assert r["max_loss_diff_vs_uninterrupted"] < 1e-4 and r["final_loss_rel_diff"] < 0.02, summary

@@ -5,12 +5,11 @@ continues, and the exported model loads."""
 
 import json
 import re
-import sys
 import time
 
 import pytest
 
-from .conftest import REPO, run_killing_rank1
+from .conftest import run_killing_rank1
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +39,7 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_address, tmp_path):
     assert run["metrics"]["step"] == STEPS
     assert run["timing"]["checkpoint_commit_seconds"] == []  # no save waited for its commit
     # the per-sample log over both attempts: every row of each epoch trained exactly once, none twice after the resume
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from fault_tolerance import trained_exactly_once
+    from benchmarks.fault_tolerance import trained_exactly_once
 
     trained, once = trained_exactly_once(run, STEPS)
     assert once and len(trained) == STEPS

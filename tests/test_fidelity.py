@@ -13,7 +13,7 @@ import yaml
 
 from raytrain_align import tiny
 
-from .conftest import REPO, run_cli
+from .conftest import REPO, ZERO3_DPO_ARGS, ZERO3_SFT_ARGS, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +31,13 @@ TRAINERS = {"handbook_sft.py": "SFTTrainer", "handbook_dpo.py": "DPOTrainer", "h
 
 @pytest.mark.parametrize("recipe, script", [("sft_mid", "handbook_sft.py"), ("dpo_apo_zero", "handbook_dpo.py"),
                                             (HANDBOOK_ORPO, "handbook_orpo.py")])
-def test_losses_equal_plain_accelerate_launch(ray_address, tmp_path, recipe, script):
-    storage, ours = tmp_path / "storage", tmp_path / "ray"
-    plan = run_cli(["plan", recipe, "--tiny", "--storage", str(storage), "--output-dir", str(ours), "--json", *SETTINGS])
+def test_losses_equal_plain_accelerate_launch(ray_address, tmp_path, recipe, script, request):
+    storage, ours, args = tmp_path / "storage", tmp_path / "ray", [recipe, "--tiny", *SETTINGS]
+    shared = {"sft_mid": ("zero3_sft", ZERO3_SFT_ARGS), "dpo_apo_zero": ("zero3_dpo", ZERO3_DPO_ARGS)}.get(recipe)
+    if shared:  # the session's run of these settings (conftest), shared with other modules
+        _, storage, ours = request.getfixturevalue(shared[0])
+        args = shared[1]
+    plan = run_cli(["plan", *args, "--storage", str(storage), "--output-dir", str(ours), "--json"])
     assert plan.returncode == 0, plan.stderr
     plan = json.loads(plan.stdout[plan.stdout.index("{"):])
 
@@ -53,9 +57,9 @@ def test_losses_equal_plain_accelerate_launch(ray_address, tmp_path, recipe, scr
     )
     assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
 
-    run = run_cli([recipe, "--tiny", "--storage", str(storage), "--output-dir", str(ours), *SETTINGS],
-                  env_extra={"RAY_ADDRESS": ray_address})
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    if not shared:
+        run = run_cli([*args, "--storage", str(storage), "--output-dir", str(ours)], env_extra={"RAY_ADDRESS": ray_address})
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     summary = json.loads((ours / "raytrain_align_run.json").read_text())
     assert summary["trainer"] == TRAINERS[script]

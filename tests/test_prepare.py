@@ -10,7 +10,7 @@ import datasets
 import pyarrow as pa
 import pytest
 
-from raytrain_align import prepare, sources, tiny
+from raytrain_align import prepare, sources, tiny, tokenize_blocks
 from raytrain_align.errors import RecipeError
 
 from . import prep_data
@@ -68,13 +68,13 @@ def trl_prepared(method, rows, tok_dir, model, tmp_path, training):
 
 
 def ours(method, rows, tok_dir, training, options=None):
-    actor = prepare.TokenizeActor(method, tok_dir, training, options or {})
+    actor = tokenize_blocks.TokenizeActor(method, tok_dir, training, options or {})
     return actor(_table(rows)), actor.local_stats.get()
 
 
 def assert_same(trl_ds, our_table, method):
     assert our_table.num_rows == len(trl_ds) > 0
-    for col in prepare.OUTPUT_COLUMNS[method]:
+    for col in tokenize_blocks.OUTPUT_COLUMNS[method]:
         if col in trl_ds.column_names:
             assert our_table.column(col).to_pylist() == trl_ds[col], col
         else:
@@ -218,9 +218,9 @@ def test_packing_fill_close_to_trl_global_bfd(tok_dir):
     rows = prep_data.tricky_messages(3000)
     training = {"chat_template": prep_data.THINK_TEMPLATE, "assistant_only_loss": True, "max_length": 512}
     unpacked, _ = ours("sft", rows, tok_dir, {**training, "max_length": 10**6})  # untruncated
-    actor = prepare.TokenizeActor("sft", tok_dir, {**training, "packing": True}, {})
+    actor = tokenize_blocks.TokenizeActor("sft", tok_dir, {**training, "packing": True}, {})
     table = _table(rows)
-    blocks = [actor(table.slice(i, prepare.ROWS_PER_BLOCK)) for i in range(0, table.num_rows, prepare.ROWS_PER_BLOCK)]
+    blocks = [actor(table.slice(i, sources.ROWS_PER_BLOCK)) for i in range(0, table.num_rows, sources.ROWS_PER_BLOCK)]
     ours_packed = pa.concat_tables(blocks)
     whole = datasets.Dataset(unpacked.select(["input_ids", "labels"]))
     global_bfd = pack_dataset(whole, 512, "bfd", {"batch_size": len(whole)})

@@ -9,10 +9,9 @@ import signal
 import subprocess
 import sys
 
-import datasets
 import pytest
 
-from raytrain_align import prepare, sources, tiny
+from raytrain_align import prepare, sources, tiny, tokenize_blocks
 
 from . import prep_data
 from .conftest import REPO, run_cli
@@ -50,7 +49,7 @@ def _prepare_rows(rows, out, method, tok_dir, training, tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=300)
     srcs = sources.resolve([{"id": str(path)}])
     order = sources.Order(np.arange(len(rows)), None, [0])
-    return prepare.tokenize(sources.fragments(srcs, order), {0: len(rows)}, str(out), method, tok_dir, training, {},
+    return tokenize_blocks.tokenize(sources.fragments(srcs, order), {0: len(rows)}, str(out), method, tok_dir, training, {},
                             log=lambda _: None)[0]
 
 

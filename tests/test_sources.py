@@ -18,7 +18,6 @@ from . import handbook_mixture
 def reference_ids(sizes, weights, seed, test_size):
     """Global row ids in the order the handbook's `datasets` calls produce, from index-only datasets."""
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    mix = {"datasets": [], "seed": seed, "test_split_size": test_size}
     parts = []
     for n, w, off in zip(sizes, weights, offsets):
         ds = datasets.Dataset.from_dict({"i": list(range(off, off + n))})

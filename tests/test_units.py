@@ -10,6 +10,8 @@ from raytrain_align.cli import _handbook_overrides
 from raytrain_align.errors import RecipeError
 from raytrain_align.plan import worker_range
 
+from .conftest import write_checkpoint
+
 
 def test_valid_world_sizes_keep_the_global_batch_exact():
     assert elastic.valid_world_sizes(128, 1, 1, 8) == [1, 2, 4, 8]
@@ -67,10 +69,12 @@ def test_restart_causes_from_the_run_log(tmp_path):
     assert shrink["cause"] == "shrink 4 -> 2 (workers lost)" and shrink["steps_lost"] == 2
     assert _start(logs, "a2", 4, pos)["cause"] == "grow 2 -> 4 (resources added)"
     assert _start(logs, "a3", 4, pos)["cause"] == "worker group restart after a failure"
-    assert _start(logs, "a4", 4, {**pos, "reason": "preemption"})["cause"] == "preemption (node drain)"
-    assert _start(logs, "a5", 4, pos, launch="L2")["cause"] == "driver relaunch"
+    drained = {**pos, "reason": "preemption", "attempt": "a3"}  # a3's emergency checkpoint
+    assert _start(logs, "a4", 4, drained)["cause"] == "preemption (node drain)"
+    assert _start(logs, "a5", 4, drained)["cause"] == "worker group restart after a failure"  # resumed again
+    assert _start(logs, "a6", 4, pos, launch="L2")["cause"] == "driver relaunch"
     rows = [json.loads(line) for line in (tmp_path / "logs" / elastic.RUN_LOG).read_text().splitlines()]
-    assert [r["attempt"] for r in rows if r["event"] == "start"] == ["a0", "a1", "a2", "a3", "a4", "a5"]
+    assert [r["attempt"] for r in rows if r["event"] == "start"] == ["a0", "a1", "a2", "a3", "a4", "a5", "a6"]
 
 
 def test_set_values_parse_as_a_command_line_means_them():
@@ -105,3 +109,92 @@ def test_recipe_files_named_alike_get_the_handbook_run_names():
     assert default_run_name(recipe("config_full", "data/zephyr-7b-dpo-full")) == "zephyr-7b-dpo-full"
     assert default_run_name(recipe("config_full")) == "config_full"
     assert default_run_name(recipe("sft_mid", "data/SmolLM3-Mid")) == "sft_mid"  # registered: its own name
+
+
+def test_callback_entries_normalize_to_name_and_keywords():
+    from raytrain_align.callbacks import describe, normalize
+
+    specs = normalize(["pkg.mod:Logger", {"pkg.mod:Stop": {"patience": 3}}, {"pkg.mod:Bare": None}])
+    assert specs == [{"name": "pkg.mod:Logger", "kwargs": {}}, {"name": "pkg.mod:Stop", "kwargs": {"patience": 3}},
+                     {"name": "pkg.mod:Bare", "kwargs": {}}]
+    assert describe(specs) == "pkg.mod:Logger, pkg.mod:Stop(patience=3), pkg.mod:Bare"
+    assert normalize("pkg.mod:One") == [{"name": "pkg.mod:One", "kwargs": {}}]
+    assert normalize(None) == []
+    for bad in (["pkg.mod"], [":Name"], ["pkg:"], [{"a:B": 1}], [{"a:B": {}, "c:D": {}}], [3]):
+        with pytest.raises(RecipeError, match="is not a callback"):
+            normalize(bad)
+
+
+def test_elastic_restarts_wait_15s_for_their_workers_fixed_runs_ray_default():
+    """A restart sized from a node Ray has not yet declared dead waits this long before sizing again."""
+    from raytrain_align.plan import build_plan
+    from raytrain_align.recipe import load_recipe, parse_set
+
+    def plan(workers, *sets):
+        overrides = parse_set(["ray.global_batch_size=12", *sets])
+        return build_plan(load_recipe("sft_mid", overrides, None), tiny=True, num_workers=workers,
+                          explicit=frozenset(overrides))
+
+    assert plan("2:4").restart_wait_s == 15.0 and plan("2").restart_wait_s == 60.0
+    assert plan("2:4", "ray.restart_wait_s=40").restart_wait_s == 40.0
+
+
+def test_a_spurious_owner_died_error_is_told_from_a_real_one():
+    """Ray's OwnerDiedError, as Ray Data raises it (a RayTaskError carrying it), names the owner: this driver's
+    own id means Ray lost track of a live owner, and the preparation reads again; another id is a real loss."""
+    from ray.core.generated.common_pb2 import Address
+    from ray.exceptions import OwnerDiedError, RayTaskError
+
+    from raytrain_align.tokenize_blocks import owner_died
+
+    me, other = "19" + "00" * 3 + "ff" * 24, "1a" + "00" * 3 + "ff" * 24
+    lost = OwnerDiedError("00" * 28, Address(worker_id=bytes.fromhex(me)).SerializeToString(), "")
+    raised = RayTaskError("MapBatches(read_fragment)", "traceback", lost).as_instanceof_cause()
+    assert isinstance(raised, OwnerDiedError)
+    assert owner_died(raised, me) and not owner_died(raised, other)
+    assert not owner_died(ValueError("bad row"), me)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (None, None),
+    ("truncated", "global_step10/zero_pp_rank_1_mp_rank_00_optim_states.pt is 400 bytes, 1,000 when written"),
+    ("shard deleted", "global_step10/zero_pp_rank_1_mp_rank_00_optim_states.pt is missing"),
+    ("position unreadable", "raytrain_align_position.json is unreadable (JSONDecodeError)")])
+def test_a_damaged_checkpoint_is_told_from_a_whole_one_by_its_file_lists(tmp_path, damage, problem):
+    import pyarrow.fs
+
+    ckpt = write_checkpoint(tmp_path / "run", 10, damage)
+    assert elastic.checkpoint_problem(pyarrow.fs.LocalFileSystem(), str(ckpt)) == problem
+
+
+def test_a_relaunch_goes_on_while_one_committed_checkpoint_is_whole(tmp_path):
+    from types import SimpleNamespace
+
+    from raytrain_align.launch import check_checkpoints
+
+    plan = SimpleNamespace(storage_path=str(tmp_path), run_name="run")
+    check_checkpoints(plan)  # no run yet
+    write_checkpoint(tmp_path / "run", 5)
+    write_checkpoint(tmp_path / "run", 10, "truncated")
+    check_checkpoints(plan)  # the workers fall back to checkpoint-0000005 (train._whole_checkpoint)
+    write_checkpoint(tmp_path / "run", 15, "gone")
+    with pytest.raises(RecipeError, match="its committed checkpoint-0000015 is gone"):
+        check_checkpoints(plan)
+
+
+def test_repair_universal_load_splits_shared_steps_and_restores_groups():
+    """The state deepspeed 0.19.8's ZeRO-3 universal load leaves (benchmarks/zero3_universal_resume.py), repaired."""
+    import torch
+
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([{"params": [a], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}])
+    saved = elastic.param_groups(opt)
+    step = torch.tensor(7.0)
+    for p in (a, b):
+        opt.state[p] = {"step": step, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    opt.param_groups[1]["weight_decay"] = 0.1  # the first group's hyperparameters copied onto every group
+    repaired = elastic.repair_universal_load(opt, json.loads(json.dumps(saved)))
+    assert repaired == ["2 sub-groups' shared Adam step counter split", "1 parameter-group hyperparameter(s) restored"]
+    assert opt.state[a]["step"] is not opt.state[b]["step"] and float(opt.state[b]["step"]) == 7.0
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0] and opt.param_groups[0]["betas"] == (0.9, 0.999)
+    assert elastic.repair_universal_load(opt, saved) == []  # nothing left to repair

@@ -1,0 +1,43 @@
+"""Faults the scenarios rehearse, installed through the recipe's `ray.callbacks` (raytrain_align/callbacks.py)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from transformers import TrainerCallback
+
+
+class SlowSteps(TrainerCallback):
+    """A pause after every optimizer step: a model slow enough for a returning node to rejoin mid-run."""
+
+    def __init__(self, seconds: float = 1.0):
+        self.seconds = seconds
+
+    def on_step_end(self, args, state, control, **kwargs):
+        time.sleep(self.seconds)
+
+
+class CrashInSave(TrainerCallback):
+    """The last rank dies in a save: that checkpoint is written on some ranks only and never committed, so the
+    restart must resume from the one before. Either at save `step` of the first attempt, or (`arm_file`, a path
+    every node sees) at the first save after that file appears; then it writes `arm_file` + ".fired" and never
+    fires again."""
+
+    def __init__(self, step: int | None = None, arm_file: str | None = None):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.step, self.arm_file = step, arm_file
+        first = ray.train.get_checkpoint() is None if arm_file is None else True
+        self.armed = first and ctx.get_world_rank() == ctx.get_world_size() - 1
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self.armed:
+            return
+        if self.arm_file is None and state.global_step == self.step:
+            os.kill(os.getpid(), 9)
+        if self.arm_file and os.path.exists(self.arm_file) and not os.path.exists(self.arm_file + ".fired"):
+            with open(self.arm_file + ".fired", "w") as f:  # the step of the save it cut short
+                f.write(str(state.global_step))
+            os.kill(os.getpid(), 9)
