@@ -30,6 +30,15 @@ def ray_address(tmp_path_factory):
     """Address of a running local Ray head (2 CPUs, no GPUs, dashboard on), stopped at the end of the session."""
     from raytrain_align.launch import NODE_HEALTH_CHECKS
 
+    import secrets
+
+    # One auth mode for the whole session, fixed before the head starts: token auth, with a token of the session's
+    # own. A head started without auth while no token exists would later meet drivers that find a token (a local
+    # Ray started by another test writes ~/.ray/auth_token) and turn token auth on (launch.init_ray): such a
+    # driver refuses the raylet's unauthenticated calls, and Ray reports the driver's own objects as lost
+    # (OwnerDiedError in Ray Data).
+    saved_token = os.environ.get("RAY_AUTH_TOKEN")
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
     port = _free_port()
     temp = tmp_path_factory.mktemp("ray")
     # With its dashboard, as real clusters run: the Jobs API and Ray Train's state queries need it. Node health
@@ -37,23 +46,20 @@ def ray_address(tmp_path_factory):
     health = {f"RAY_{k}": str(v) for k, v in NODE_HEALTH_CHECKS.items()}
     r = _ray("start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={_free_port()}", f"--temp-dir={temp}", "--disable-usage-stats", timeout=180,
-             env={**os.environ, **health})
+             env={**os.environ, **health, "RAY_AUTH_MODE": "token"})
     assert r.returncode == 0, r.stdout + r.stderr
     address = f"127.0.0.1:{port}"
     yield address
     _ray("stop", "--force", timeout=120)
+    os.environ.pop("RAY_AUTH_TOKEN") if saved_token is None else os.environ.__setitem__("RAY_AUTH_TOKEN", saved_token)
 
 
 @pytest.fixture(scope="session")
 def two_nodes(ray_address):
     """The session head plus a second raylet (2 CPUs, resource `second_node`): a 2-node cluster on one machine.
     Stays up for the rest of the session (stopped with the head)."""
-    from raytrain_align.launch import token_available
-
-    # the head (started without RAY_AUTH_MODE) uses token auth exactly when a token exists; the raylet must match
-    auth = {"RAY_AUTH_MODE": "token"} if token_available() and "RAY_AUTH_MODE" not in os.environ else {}
     r = _ray("start", f"--address={ray_address}", "--num-cpus=2", "--num-gpus=0", '--resources={"second_node": 1}',
-             "--disable-usage-stats", timeout=180, env={**os.environ, **auth})
+             "--disable-usage-stats", timeout=180, env={**os.environ, "RAY_AUTH_MODE": "token"})  # as the head
     assert r.returncode == 0, r.stdout + r.stderr
     yield ray_address
 
