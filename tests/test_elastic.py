@@ -1,8 +1,8 @@
 """Elastic and fault-tolerant training on a real multi-node Ray cluster on one machine (`ray.cluster_utils.Cluster`:
 a head without CPUs plus 2-CPU raylets, nodes removed, drained and added for real), tiny ZeRO-3 SFT over gloo.
 The scenarios are `benchmarks/fault_tolerance.py`'s (which writes docs/fault-tolerance.md from the same records):
-FSDP2 losing a node and getting it back, the driver killed and relaunched over a damaged latest checkpoint, and
-a chaos run with every fault in one run (ZeRO-3 shrinking and growing, a drain, a crash while saving). Here
+ZeRO-3 and FSDP2 losing a node and getting it back, a drain, a crash while saving, the driver killed and
+relaunched over a damaged latest checkpoint, and (opt-in) a chaos run with every fault in one run. Here
 each one is asserted: restart cause and world sizes, global batch kept, optimizer state equal after the
 resume (digest from the shards), every sample of each epoch trained exactly once (the per-sample log), the loss
 continuing the uninterrupted run's curve, the final model loading."""
