@@ -107,10 +107,46 @@ def check_checkpoints(plan: Plan) -> None:
 
 
 def token_available() -> bool:
-    """A Ray auth token where Ray looks for one. Ray 2.60 starts a head with token auth when it finds one (and
-    without, when not); whatever joins that head must then ask for token auth itself."""
+    """A Ray auth token where Ray looks for one (its environment variables, then ~/.ray/auth_token)."""
     return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
                 or (Path.home() / ".ray" / "auth_token").exists())
+
+
+def cluster_wants_token(address: str) -> bool:
+    """Ask the cluster's GCS, without a token, whether it requires one. A driver in the wrong mode breaks either
+    way: without a token it is refused; with one against a head without auth it refuses the raylet's calls and
+    Ray reports its objects lost (OwnerDiedError)."""
+    import ray
+    from ray._raylet import GcsClient
+
+    stderr, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)  # the refused probe logs a C++ warning line that is not the user's concern
+        GcsClient(address=address)
+        return False
+    except ray.exceptions.AuthenticationError:
+        return True
+    except ray.exceptions.RpcError:
+        raise RecipeError(f"no Ray cluster answers at {address}; start one (`ray start --head`) or unset "
+                          "RAY_ADDRESS to run on a local one") from None
+    finally:
+        os.dup2(stderr, 2)
+        os.close(stderr)
+        os.close(devnull)
+
+
+def join_auth_mode(address: str) -> None:
+    """Use the auth mode of the cluster at `address` unless RAY_AUTH_MODE says which (Ray itself only guesses, from
+    whether a token file exists, and only for a cluster it finds on its own)."""
+    if "RAY_AUTH_MODE" in os.environ or not cluster_wants_token(address):
+        return
+    if not token_available():
+        raise RecipeError(f"the Ray cluster at {address} requires token authentication; set RAY_AUTH_TOKEN to its "
+                          "token (`ray get-auth-token` on the head) or copy it to ~/.ray/auth_token")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    from ray._raylet import Config
+
+    Config.initialize("")  # re-read RAY_AUTH_MODE (ray was imported before it was set)
 
 
 # Ray's node health checks (its defaults: every 3 s, 10 s timeout, 5 misses) declare a killed node dead in ~16 s,
@@ -126,15 +162,11 @@ def init_ray() -> None:
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS") and "RAY_AUTH_MODE" not in os.environ and token_available():
-        # Ray 2.60 clusters use token auth by default, but a client joining one only sends the token when asked to.
-        os.environ["RAY_AUTH_MODE"] = "token"
-        from ray._raylet import Config
-
-        Config.initialize("")  # re-read RAY_AUTH_MODE (ray was imported before it was set)
     # No runtime_env here: under `ray job submit` it would replace the job's own (its --working-dir).
     # As ray.init resolves it (RAY_ADDRESS, any form, else the latest `ray start` on this machine), once; none: start one
     address = os.environ.get("RAY_ADDRESS") or canonicalize_bootstrap_address(None)
+    if address and not address.startswith("ray://") and (gcs := canonicalize_bootstrap_address(address)):
+        join_auth_mode(gcs)
     ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=True,
              **({} if address else {"_system_config": NODE_HEALTH_CHECKS}))
     ctx = ray.data.DataContext.get_current()

@@ -344,22 +344,6 @@ def _stats(table, method: str) -> tuple[int, int, int]:
 
 def tokenize(frags: list[dict], split_rows: dict[int, int], out_dir: str, method: str, tokenizer_path: str,
              training: dict[str, Any], options: dict[str, Any], log=print) -> dict[int, dict]:
-    """The Ray Data pipeline below, read again once after a spurious OwnerDiedError: Ray 2.60 marks an object's
-    owner dead when a raylet's lookup of it fails for any reason (ray PR 64899), which on a busy cluster can hit
-    this live driver's own objects. The shards are rewritten whole."""
-    import ray
-
-    for attempt in (1, 2):
-        try:
-            return _pipeline(frags, split_rows, out_dir, method, tokenizer_path, training, options, log)
-        except Exception as e:
-            if attempt == 2 or not owner_died(e, ray.get_runtime_context().get_worker_id()):
-                raise
-            log("data          Ray reported this driver's own objects lost (a spurious OwnerDiedError); reading again")
-
-
-def _pipeline(frags: list[dict], split_rows: dict[int, int], out_dir: str, method: str, tokenizer_path: str,
-             training: dict[str, Any], options: dict[str, Any], log=print) -> dict[int, dict]:
     """Read the fragments' rows on the cluster (sources.read_rows), sort them into their 1000-row blocks, and run
     a pool of TokenizeActors over the blocks, each writing its block's shard under `out_dir/<split>/`. Returns
     the counts per split (0 train, 1 test). Prints a progress line about every 10% (Ray Data's bars flood logs)."""
@@ -418,19 +402,6 @@ def _causes(e: BaseException | None):
         seen.add(id(e))
         yield e
         e = getattr(e, "cause", None) or e.__cause__ or e.__context__
-
-
-def owner_died(e: BaseException, worker_id: str) -> bool:
-    """An OwnerDiedError (anywhere in Ray's cause chain) naming `worker_id` as the owner."""
-    from ray.core.generated.common_pb2 import Address
-    from ray.exceptions import OwnerDiedError
-
-    for c in _causes(e):
-        if isinstance(c, OwnerDiedError) and getattr(c, "owner_address", None):
-            owner = Address()
-            owner.ParseFromString(c.owner_address)
-            return owner.worker_id.hex() == worker_id
-    return False
 
 
 def _read_error(e: BaseException) -> RecipeError | None:

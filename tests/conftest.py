@@ -32,11 +32,8 @@ def ray_address(tmp_path_factory):
 
     import secrets
 
-    # One auth mode for the whole session, fixed before the head starts: token auth, with a token of the session's
-    # own. A head started without auth while no token exists would later meet drivers that find a token (a local
-    # Ray started by another test writes ~/.ray/auth_token) and turn token auth on (launch.init_ray): such a
-    # driver refuses the raylet's unauthenticated calls, and Ray reports the driver's own objects as lost
-    # (OwnerDiedError in Ray Data).
+    # Token auth, as Ray 2.60 clusters run, with a token of the session's own, fixed before the head starts, so
+    # nothing depends on whether ~/.ray/auth_token exists. Drivers ask the head for its mode (launch.join_auth_mode).
     saved_token = os.environ.get("RAY_AUTH_TOKEN")
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
     port = _free_port()
