@@ -139,22 +139,6 @@ def test_elastic_restarts_wait_15s_for_their_workers_fixed_runs_ray_default():
     assert plan("2:4", "ray.restart_wait_s=40").restart_wait_s == 40.0
 
 
-def test_a_spurious_owner_died_error_is_told_from_a_real_one():
-    """Ray's OwnerDiedError, as Ray Data raises it (a RayTaskError carrying it), names the owner: this driver's
-    own id means Ray lost track of a live owner, and the preparation reads again; another id is a real loss."""
-    from ray.core.generated.common_pb2 import Address
-    from ray.exceptions import OwnerDiedError, RayTaskError
-
-    from raytrain_align.tokenize_blocks import owner_died
-
-    me, other = "19" + "00" * 3 + "ff" * 24, "1a" + "00" * 3 + "ff" * 24
-    lost = OwnerDiedError("00" * 28, Address(worker_id=bytes.fromhex(me)).SerializeToString(), "")
-    raised = RayTaskError("MapBatches(read_fragment)", "traceback", lost).as_instanceof_cause()
-    assert isinstance(raised, OwnerDiedError)
-    assert owner_died(raised, me) and not owner_died(raised, other)
-    assert not owner_died(ValueError("bad row"), me)
-
-
 @pytest.mark.parametrize("damage, problem", [
     (None, None),
     ("truncated", "global_step10/zero_pp_rank_1_mp_rank_00_optim_states.pt is 400 bytes, 1,000 when written"),
