@@ -1,10 +1,13 @@
-"""Faults the scenarios rehearse, installed through the recipe's `ray.callbacks` (raytrain_align/callbacks.py)."""
+"""Faults the scenarios rehearse: callbacks installed through the recipe's `ray.callbacks` (raytrain_align/callbacks.py),
+and a storage whose uploads fail, installed as an fsspec plugin (the `fsspec.specs` entry point)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 
+from fsspec.implementations.local import LocalFileSystem
 from transformers import TrainerCallback
 
 
@@ -41,3 +44,30 @@ class CrashInSave(TrainerCallback):
             with open(self.arm_file + ".fired", "w") as f:  # the step of the save it cut short
                 f.write(str(state.global_step))
             os.kill(os.getpid(), 9)
+
+
+class FlakyFileSystem(LocalFileSystem):
+    """Local files behind `flaky:///abs/path`, where writes of files whose path contains `fail_paths` fail the way
+    an object store's uploads sometimes do (a reset connection), once per token file in the folder `tokens`: every
+    process that writes takes one (the first `os.remove` of it wins), so N tokens fail exactly N writes in all.
+    fsspec gives `tokens` from FSSPEC_FLAKY_TOKENS, and Ray sends it to the workers inside the pickled filesystem."""
+
+    protocol = "flaky"
+
+    def __init__(self, tokens: str | None = None, fail_paths: str = "checkpoint-", **kwargs):
+        super().__init__(**kwargs)
+        self.tokens, self.fail_paths = tokens, fail_paths
+
+    def _open(self, path, mode="rb", **kwargs):
+        if "w" in mode and self.tokens and self.fail_paths in str(path) and self._take_token():
+            raise ConnectionResetError(errno.ECONNRESET, f"injected: connection reset while uploading {path}")
+        return super()._open(path, mode=mode, **kwargs)
+
+    def _take_token(self) -> bool:
+        for name in sorted(os.listdir(self.tokens)):
+            try:
+                os.remove(os.path.join(self.tokens, name))
+                return True
+            except FileNotFoundError:  # another process took it
+                continue
+        return False

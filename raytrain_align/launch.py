@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -73,6 +74,61 @@ def check_storage(plan: Plan, output: bool = True) -> None:
         why = storage.unwritable(path)
         if why:
             raise RecipeError(f"{flag} {path} cannot be written: {why}; pick a folder this user can write")
+    if storage.is_remote(plan.storage_path):
+        try:
+            storage.filesystem(plan.storage_path)
+        except (ValueError, ImportError) as e:
+            raise RecipeError(f"--storage {plan.storage_path}: {e}; use a folder, s3://, gs:// or a scheme fsspec "
+                              "knows") from None
+    elif output:
+        check_storage_space(plan)
+
+
+# A full-parameter checkpoint: 16-bit weights (2 bytes) + fp32 master weights and Adam's two moments (12 bytes)
+CHECKPOINT_BYTES_PER_PARAM = 14
+
+
+def check_storage_space(plan: Plan) -> None:
+    """A local storage folder without room for the checkpoints Ray keeps (save_total_limit, plus the next one,
+    written before the oldest goes) and the exported model fails here, not at the first save hours in."""
+    import shutil
+
+    from . import storage
+
+    params = model_params(plan.model["model_name_or_path"], plan.model.get("model_revision"))
+    if params is None or plan.model.get("use_peft"):  # not on this machine yet / adapters only: small
+        return
+    copies = (plan.training.get("save_total_limit") or 1) + 1
+    need = params * (CHECKPOINT_BYTES_PER_PARAM * copies + 2)
+    free = shutil.disk_usage(storage.nearest_existing(plan.storage_path)).free
+    if free < need:
+        raise RecipeError(
+            f"--storage {plan.storage_path} has {free / 1e9:,.1f} GB free and this run writes at least "
+            f"{need / 1e9:,.1f} GB there ({copies} checkpoints of a {params / 1e9:,.2f}B-parameter model at "
+            f"{CHECKPOINT_BYTES_PER_PARAM} bytes per parameter, and the exported model); free space there or "
+            "pick another --storage")
+
+
+def model_params(name_or_path: str, revision: str | None = None) -> int | None:
+    """Parameters of a model, from its safetensors headers alone: a local folder, or the Hub's files already in
+    this machine's cache; None when neither has them."""
+    from safetensors import safe_open
+
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(name_or_path, revision=revision, allow_patterns=["*.safetensors"],
+                                            local_files_only=True))
+        except Exception:  # not in the cache (or not a Hub id): the download at training time decides
+            return None
+    total = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="numpy") as f:
+            for name in f.keys():
+                total += math.prod(f.get_slice(name).get_shape())
+    return total or None
 
 
 def check_checkpoints(plan: Plan) -> None:
@@ -182,7 +238,7 @@ def run(plan: Plan, log=print):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from . import callbacks, export, prepare, tiny
+    from . import callbacks, export, prepare, storage, tiny
     from .train import train_loop_per_worker
 
     milestones = {"driver_run": time.time()}  # the plan is built: imports and recipe checks are behind
@@ -208,6 +264,9 @@ def run(plan: Plan, log=print):
     resources = {"CPU": plan.cpus_per_worker}
     if plan.use_gpu:
         resources["GPU"] = 1
+    # a URI through storage.filesystem, so that Ray's checkpoint uploads are retried as our own writes are
+    storage_fs, storage_root = (storage.filesystem(plan.storage_path) if storage.is_remote(plan.storage_path)
+                                else (None, plan.storage_path))
     milestones["trainer_submitted"] = time.time()
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -221,7 +280,8 @@ def run(plan: Plan, log=print):
                                      elastic_resize_monitor_interval_s=plan.resize_interval_s),
         run_config=RunConfig(
             name=plan.run_name,
-            storage_path=plan.storage_path,
+            storage_path=storage_root,
+            storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=plan.training.get("save_total_limit") or None),
             failure_config=FailureConfig(max_failures=plan.max_failures),
         ),

@@ -1,24 +1,52 @@
-"""Storage access in one place: local paths, shared folders and any URI pyarrow opens (s3://, gs://, file://),
-plus the Hub's `hf://` through huggingface_hub's fsspec filesystem. Whole-file writes are atomic everywhere."""
+"""Storage access in one place: local paths, shared folders, any URI pyarrow opens (s3://, gs://, file://) and any
+that fsspec knows (the Hub's `hf://`, fsspec plugins). Whole-file writes are atomic everywhere, and a write or
+upload that fails for a reason that can pass (a reset connection, a throttled request) is tried again."""
 
 from __future__ import annotations
 
+import errno
+import sys
+import time
 import uuid
+
+RETRY_DELAYS_S = (1, 2, 4, 8, 16)  # up to 5 retries over ~30 s, then the error stands
+# failures no retry mends: the path, the permissions or the space are wrong
+PERMANENT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+PERMANENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
 
 
 def filesystem(path: str):
     """(pyarrow filesystem, path inside it) for a local path or a URI."""
     import pyarrow.fs
 
-    if path.startswith("hf://"):
-        from huggingface_hub import HfFileSystem
+    if "://" not in path:
+        from pathlib import Path
 
-        return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(HfFileSystem())), path[len("hf://"):]
-    if "://" in path:
+        return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser())
+    try:
         return pyarrow.fs.FileSystem.from_uri(path)
-    from pathlib import Path
+    except pyarrow.ArrowInvalid:  # a scheme pyarrow does not know: fsspec's (hf://, and what plugins register)
+        import fsspec
 
-    return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser())
+        fsspec_fs, inner = fsspec.core.url_to_fs(path)
+        return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fsspec_fs)), inner
+
+
+def transient(e: BaseException) -> bool:
+    return isinstance(e, OSError) and not isinstance(e, PERMANENT) and e.errno not in PERMANENT_ERRNOS
+
+
+def retried(what: str, fn, *args, **kwargs):
+    """fn(*args), again after each delay of RETRY_DELAYS_S while it fails transiently; one line per retry."""
+    for delay in (*RETRY_DELAYS_S, None):
+        try:
+            return fn(*args, **kwargs)
+        except OSError as e:
+            if delay is None or not transient(e):
+                raise
+            print(f"storage       {what} failed ({str(e).splitlines()[0][:200]}); trying again in {delay}s",
+                  file=sys.stderr, flush=True)
+            time.sleep(delay)
 
 
 def is_remote(path: str) -> bool:
@@ -50,12 +78,16 @@ def is_dir(path: str) -> bool:
 def write_bytes(path: str, data: bytes) -> None:
     """A whole file: temp name + rename on filesystems, one object put on object stores (atomic either way)."""
     fs, p = filesystem(path)
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    tmp = p if is_remote(path) else f"{p}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    if tmp != p:
-        fs.move(tmp, p)
+
+    def write():
+        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+        tmp = p if is_remote(path) else f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        if tmp != p:
+            fs.move(tmp, p)
+
+    retried(f"writing {path}", write)
 
 
 def write_text(path: str, text: str) -> None:
@@ -105,24 +137,53 @@ def copy_to_local(src: str, dest: str, chunk: int = 64 << 20) -> None:
     import os
 
     fs, p = filesystem(src)
-    tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open_input_stream(p) as fin, open(tmp, "wb") as fout:
-        while block := fin.read(chunk):
-            fout.write(block)
-    os.replace(tmp, dest)
+
+    def copy():
+        tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open_input_stream(p) as fin, open(tmp, "wb") as fout:
+            while block := fin.read(chunk):
+                fout.write(block)
+        os.replace(tmp, dest)
+
+    retried(f"reading {src}", copy)
+
+
+def upload_dir(local_dir: str, fs, root: str, chunk: int = 64 << 20) -> None:
+    """Every file under a local folder to `root` on pyarrow filesystem `fs`, streamed; a file whose upload fails
+    transiently is sent again from its start (its local copy is there to be read again)."""
+    import os
+
+    for folder, _, names in os.walk(local_dir):
+        rel = os.path.relpath(folder, local_dir)
+        target_dir = root if rel == "." else join(root, *rel.split(os.sep))
+        for name in names:
+            def upload(src=os.path.join(folder, name), target=join(target_dir, name)):
+                fs.create_dir(target_dir, recursive=True)
+                with open(src, "rb") as fin, fs.open_output_stream(target) as fout:
+                    while block := fin.read(chunk):
+                        fout.write(block)
+
+            retried(f"uploading {join(target_dir, name)}", upload)
+
+
+def nearest_existing(path: str):
+    """The local path itself, or its nearest ancestor that exists (what a folder still to be made lives on)."""
+    from pathlib import Path
+
+    p = Path(path).expanduser().absolute()
+    while not p.exists():
+        p = p.parent
+    return p
 
 
 def unwritable(path: str) -> str | None:
     """Why a local folder could not be created or written (its nearest existing ancestor decides), else None.
     URIs are not probed: an object store answers only when written to."""
     import os
-    from pathlib import Path
 
     if is_remote(path):
         return None
-    p = Path(path).expanduser().absolute()
-    while not p.exists():
-        p = p.parent
+    p = nearest_existing(path)
     if not p.is_dir():
         return f"'{p}' is a file, not a folder"
     if not os.access(p, os.W_OK | os.X_OK):

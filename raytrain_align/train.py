@@ -9,6 +9,7 @@ handbook does (under zero.Init for ZeRO-3), builds a TRL SFTTrainer on the alrea
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError
-from .trainer_callbacks import ElasticState, checkpoint_callback, last_logs, progress_callback, timing_callback
+from .trainer_callbacks import (ElasticState, checkpoint_callback, last_logs, progress_callback, timing_callback,
+                               upload_checkpoint)
 
 # Keys the handbook adds on top of TRL's configs, consumed before building them.
 NOT_TRL_CONFIG = {"chat_template"}
@@ -450,7 +452,8 @@ def _export(trainer, tokenizer, plan, result, run: dict, ctx, scratch: Path) -> 
         (export / "raytrain_align_run.json").write_text(json.dumps(summary, indent=2, default=str))
         final_ckpt = ray.train.Checkpoint.from_directory(str(export))
     ray.train.report({**metrics, **{f"fact_{k}": v for k, v in facts.items()}, "final": 1}, checkpoint=final_ckpt,
-                     checkpoint_dir_name=FINAL_DIR)
+                     checkpoint_dir_name=FINAL_DIR,
+                     checkpoint_upload_fn=functools.partial(upload_checkpoint, ctx.get_storage()))
     torch.distributed.barrier()  # the export is in storage now (report persists it before returning)
     if ctx.get_local_rank() == 0:
         shutil.rmtree(scratch, ignore_errors=True)  # a 3B model's checkpoints and export, off the node's disk

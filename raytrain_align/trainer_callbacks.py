@@ -4,6 +4,7 @@ training goes on), sample log, heartbeat and drain handling."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -62,6 +63,19 @@ class ElasticState:
         self.preempted = None  # ray.train.PreemptionInfo once a node of this group drains
         self.commit_seconds: list[float] = []  # per checkpoint: report() returned -> committed by the controller
         self.async_upload = plan.checkpoint_upload == "async"
+
+
+def upload_checkpoint(run_storage, checkpoint, dir_name: str):
+    """Ray Train's upload of one node's checkpoint folder (into Ray's StorageContext `run_storage`), through
+    storage.upload_dir: a transient storage error costs a retry of one file, not a restart and the steps since
+    the previous checkpoint."""
+    import ray.train
+
+    from . import storage
+
+    dest = run_storage.build_checkpoint_path_from_name(dir_name)
+    storage.upload_dir(checkpoint.path, run_storage.storage_filesystem, dest)
+    return ray.train.Checkpoint(dest, filesystem=run_storage.storage_filesystem)
 
 
 def checkpoint_callback(es: ElasticState):
@@ -139,7 +153,8 @@ def checkpoint_callback(es: ElasticState):
             if name in es.taken_names:  # a damaged checkpoint this start skipped still holds it
                 name += f"-{es.attempt}"
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name,
-                             checkpoint_upload_mode=mode)
+                             checkpoint_upload_mode=mode,
+                             checkpoint_upload_fn=functools.partial(upload_checkpoint, ctx.get_storage()))
             if background:
                 return
             # report() returns once this rank's part is uploaded; the checkpoint becomes the one a restart resumes

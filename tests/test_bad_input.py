@@ -56,6 +56,21 @@ def _under_a_file(flag):
     return make
 
 
+def _model_larger_than_the_disk(t: Path):
+    """A model folder whose safetensors header declares 10^12 parameters: a sparse file, so it takes no space;
+    its checkpoints (14 bytes a parameter, twice) would need 28 TB."""
+    import json
+    import struct
+
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [10**6, 10**6], "data_offsets": [0, 2 * 10**12]}}).encode()
+    header += b" " * (-len(header) % 8)
+    (t / "huge").mkdir()
+    with open(t / "huge" / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + 2 * 10**12)
+    return ["sft_mid", "--cpu", "--set", f"model_name_or_path={t / 'huge'}"]
+
+
 POSITIVE, NON_NEGATIVE, UNIT = "a finite number > 0", "a finite number >= 0", "a number in [0, 1)"
 INT1 = "an integer >= 1"
 CASES = {
@@ -137,6 +152,9 @@ CASES = {
     "committed checkpoint gone": (_checkpoints(None, "gone"), "its committed checkpoint-0000010 is gone"),
     "storage under a file": (_under_a_file("--storage"), "cannot be written: "),
     "output dir under a file": (_under_a_file("--output-dir"), "cannot be written: "),
+    "storage without room for the checkpoints": (_model_larger_than_the_disk, "this run writes at least 30,000.0 GB"),
+    "storage scheme unknown": (lambda t: ["sft_mid", "--tiny", "--storage", "nosuch://bucket/runs"],
+                               "--storage nosuch://bucket/runs: Protocol not known: nosuch"),
 }
 
 

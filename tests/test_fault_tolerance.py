@@ -1,7 +1,8 @@
 """A training worker killed mid-run (SIGKILL, as when its node's OOM killer or a hardware fault takes it): Ray
 Train restarts the worker group (FailureConfig max_failures), the workers resume from the latest committed
 ZeRO-3 checkpoint (uploaded in the background: `ray.checkpoint_upload: async`), the run finishes, the loss curve
-continues, and the exported model loads."""
+continues, and the exported model loads. And an object store whose checkpoint uploads fail now and then: each
+failed file is sent again, and the run goes on without a restart."""
 
 import json
 import re
@@ -9,7 +10,7 @@ import time
 
 import pytest
 
-from .conftest import run_killing_rank1
+from .conftest import run_cli, run_killing_rank1
 
 pytestmark = pytest.mark.slow
 
@@ -50,3 +51,33 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_address, tmp_path):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "smollm3"
+
+
+def test_failed_checkpoint_uploads_are_sent_again_without_a_restart(ray_address, tmp_path):
+    """Storage `flaky:///...`: an fsspec filesystem (benchmarks/faults.py, registered the way fsspec plugins are,
+    by an entry point) whose first 3 writes of checkpoint files fail with a reset connection."""
+    plugin = tmp_path / "plugins" / "flaky_storage-0.dist-info"
+    plugin.mkdir(parents=True)
+    (plugin / "METADATA").write_text("Metadata-Version: 2.1\nName: flaky-storage\nVersion: 0\n")
+    (plugin / "entry_points.txt").write_text("[fsspec.specs]\nflaky = benchmarks.faults:FlakyFileSystem\n")
+    tokens = tmp_path / "failures"
+    tokens.mkdir()
+    for i in range(3):
+        (tokens / f"{i}").touch()
+    storage, out = tmp_path / "storage", tmp_path / "model"
+    proc = run_cli(["sft_mid", "--tiny", "--storage", f"flaky://{storage}", "--output-dir", str(out),
+                    "--max-failures", "0", "--set", "max_steps=20", "--set", "save_steps=5"],
+                   env_extra={"RAY_ADDRESS": ray_address, "HOME": str(tmp_path / "home"),
+                              "PYTHONPATH": str(plugin.parent), "FSSPEC_FLAKY_TOKENS": str(tokens)})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    assert list(tokens.iterdir()) == []  # all 3 failures happened
+    assert "storage       uploading " in log and "injected: connection reset" in log
+    from raytrain_align import elastic
+
+    starts = [r for r in elastic.read_jsonl(str(storage / "sft_mid" / elastic.LOG_DIR / elastic.RUN_LOG))
+              if r.get("event") == "start"]
+    assert [r["cause"] for r in starts] == ["start"]  # no restart: the uploads were retried in place
+    run = json.loads((out / "raytrain_align_run.json").read_text())
+    assert run["metrics"]["step"] == 20
+    assert (storage / "sft_mid" / "checkpoint-0000020").is_dir()  # the last save, committed and kept

@@ -182,3 +182,55 @@ def test_repair_universal_load_splits_shared_steps_and_restores_groups():
     assert opt.state[a]["step"] is not opt.state[b]["step"] and float(opt.state[b]["step"]) == 7.0
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0] and opt.param_groups[0]["betas"] == (0.9, 0.999)
     assert elastic.repair_universal_load(opt, saved) == []  # nothing left to repair
+
+
+@pytest.fixture
+def flaky(tmp_path, monkeypatch):
+    """benchmarks/faults.py's FlakyFileSystem as the `flaky` protocol in this process, its failures in `tokens`."""
+    import fsspec
+
+    from benchmarks.faults import FlakyFileSystem
+    from raytrain_align import storage
+
+    fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
+    monkeypatch.setattr(storage, "RETRY_DELAYS_S", (0, 0, 0))
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    monkeypatch.setitem(fsspec.config.conf, "flaky", {"tokens": str(tokens)})  # what FSSPEC_FLAKY_TOKENS gives
+    return lambda n: [(tokens / str(i)).touch() for i in range(n)] and tokens
+
+
+def _local_checkpoint(tmp_path):
+    src = tmp_path / "local" / "checkpoint-5"
+    (src / "global_step5").mkdir(parents=True)
+    (src / "global_step5" / "shard.pt").write_bytes(bytes(range(256)) * 1000)
+    (src / "trainer_state.json").write_text("{}")
+    return src
+
+
+def test_a_checkpoint_upload_that_fails_transiently_is_sent_again_file_by_file(tmp_path, flaky, capsys):
+    from raytrain_align import storage
+
+    tokens, src = flaky(3), _local_checkpoint(tmp_path)  # 3 failures for a retry budget of 3 per file
+    fs, root = storage.filesystem(f"flaky://{tmp_path}/bucket/run/checkpoint-5")
+    storage.upload_dir(str(src), fs, root)
+    for rel in ("global_step5/shard.pt", "trainer_state.json"):
+        assert (tmp_path / "bucket/run/checkpoint-5" / rel).read_bytes() == (src / rel).read_bytes()
+    assert list(tokens.iterdir()) == []
+    assert capsys.readouterr().err.count("storage       uploading ") == 3
+
+
+def test_an_upload_that_keeps_failing_raises_and_a_permanent_error_is_not_retried(tmp_path, flaky, capsys):
+    from raytrain_align import storage
+
+    flaky(10)
+    fs, root = storage.filesystem(f"flaky://{tmp_path}/bucket/run/checkpoint-5")
+    with pytest.raises(ConnectionResetError, match="injected"):
+        storage.upload_dir(str(_local_checkpoint(tmp_path)), fs, root)
+    assert capsys.readouterr().err.count("trying again") == 3  # RETRY_DELAYS_S, then the error stands
+    import errno
+
+    assert storage.transient(ConnectionResetError(errno.ECONNRESET, "reset"))
+    assert not storage.transient(PermissionError(errno.EACCES, "denied"))
+    assert not storage.transient(OSError(errno.ENOSPC, "No space left on device"))
+    assert not storage.transient(ValueError("not an OSError"))
