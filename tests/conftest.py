@@ -71,11 +71,11 @@ def run_cli(args, env_extra=None, timeout=900):
     return proc
 
 
-def run_killing_rank1(args, ray_address, kill_from_step: int):
+def run_killing_rank1(args, ray_address, kill_from_step: int, env_extra=None):
     """Run `python -m raytrain_align ARGS` and SIGKILL the world-rank-1 worker process at the first progress line
     at or past `kill_from_step`. Returns (returncode, log, step killed at or None, time of the kill)."""
     proc = subprocess.Popen([sys.executable, "-m", "raytrain_align", *args], cwd=REPO,
-                            env={**os.environ, "RAY_ADDRESS": ray_address, "PYTHONUNBUFFERED": "1"},
+                            env={**os.environ, "RAY_ADDRESS": ray_address, "PYTHONUNBUFFERED": "1", **(env_extra or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, victim, killed_at, t_kill = [], None, None, None
     for line in proc.stdout:

@@ -1,8 +1,8 @@
 """A training worker killed mid-run (SIGKILL, as when its node's OOM killer or a hardware fault takes it): Ray
 Train restarts the worker group (FailureConfig max_failures), the workers resume from the latest committed
 ZeRO-3 checkpoint (uploaded in the background: `ray.checkpoint_upload: async`), the run finishes, the loss curve
-continues, and the exported model loads. And an object store whose checkpoint uploads fail now and then: each
-failed file is sent again, and the run goes on without a restart."""
+continues, and the exported model loads. The same run's storage is an object store whose first checkpoint uploads
+fail (a reset connection): each failed file is sent again, and none of them costs a restart."""
 
 import json
 import re
@@ -10,23 +10,44 @@ import time
 
 import pytest
 
-from .conftest import run_cli, run_killing_rank1
+from .conftest import run_killing_rank1
 
 pytestmark = pytest.mark.slow
 
 STEPS, SAVE_EVERY = 80, 20
 
 
+def flaky_storage(tmp_path, failures: int) -> tuple[str, dict]:
+    """A `flaky:///...` storage URI and the driver's environment for it: benchmarks/faults.py's FlakyFileSystem,
+    registered the way fsspec plugins are (an `fsspec.specs` entry point), failing its first `failures` writes
+    of checkpoint files."""
+    plugin = tmp_path / "plugins" / "flaky_storage-0.dist-info"
+    plugin.mkdir(parents=True)
+    (plugin / "METADATA").write_text("Metadata-Version: 2.1\nName: flaky-storage\nVersion: 0\n")
+    (plugin / "entry_points.txt").write_text("[fsspec.specs]\nflaky = benchmarks.faults:FlakyFileSystem\n")
+    tokens = tmp_path / "failures"
+    tokens.mkdir()
+    for i in range(failures):
+        (tokens / str(i)).touch()
+    env = {"PYTHONPATH": str(plugin.parent), "FSSPEC_FLAKY_TOKENS": str(tokens)}
+    return f"flaky://{tmp_path / 'storage'}", env
+
+
 def test_killed_worker_restarts_from_last_checkpoint(ray_address, tmp_path):
-    storage, out = tmp_path / "storage", tmp_path / "model"
-    args = ["sft_mid", "--tiny", "--storage", str(storage), "--output-dir", str(out), "--max-failures", "1",
+    out = tmp_path / "model"
+    # two failed uploads (3 s of retries) of the step-20 checkpoint's first file, well before the kill at step 36
+    uri, env = flaky_storage(tmp_path, failures=2)
+    args = ["sft_mid", "--tiny", "--storage", uri, "--output-dir", str(out), "--max-failures", "1",
             "--set", f"max_steps={STEPS}", "--set", f"save_steps={SAVE_EVERY}",
             # checkpoints uploaded in the background: the one the restart finds was uploaded while training went on
             "--set", "ray.checkpoint_upload=async"]
     # past step 20's checkpoint (committed) and before step 40's
-    returncode, log, killed_at, t_kill = run_killing_rank1(args, ray_address, 2 * SAVE_EVERY - 4)
+    returncode, log, killed_at, t_kill = run_killing_rank1(args, ray_address, 2 * SAVE_EVERY - 4, env)
     assert returncode == 0, log[-5000:]
     assert killed_at is not None, log[-3000:]
+    # the failed uploads were sent again in place (the one restart below is the kill's)
+    assert list((tmp_path / "failures").iterdir()) == [] and "injected: connection reset" in log
+    assert "storage       uploading " in log
 
     starts = re.split(r"process group formed at \d\d:\d\d:\d\d", log)  # rank 0's line (not a traceback's source)
     assert len(starts) == 3, [line for line in log.splitlines() if "process group formed" in line]  # restarted once
@@ -52,32 +73,3 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_address, tmp_path):
 
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "smollm3"
 
-
-def test_failed_checkpoint_uploads_are_sent_again_without_a_restart(ray_address, tmp_path):
-    """Storage `flaky:///...`: an fsspec filesystem (benchmarks/faults.py, registered the way fsspec plugins are,
-    by an entry point) whose first 3 writes of checkpoint files fail with a reset connection."""
-    plugin = tmp_path / "plugins" / "flaky_storage-0.dist-info"
-    plugin.mkdir(parents=True)
-    (plugin / "METADATA").write_text("Metadata-Version: 2.1\nName: flaky-storage\nVersion: 0\n")
-    (plugin / "entry_points.txt").write_text("[fsspec.specs]\nflaky = benchmarks.faults:FlakyFileSystem\n")
-    tokens = tmp_path / "failures"
-    tokens.mkdir()
-    for i in range(3):
-        (tokens / f"{i}").touch()
-    storage, out = tmp_path / "storage", tmp_path / "model"
-    proc = run_cli(["sft_mid", "--tiny", "--storage", f"flaky://{storage}", "--output-dir", str(out),
-                    "--max-failures", "0", "--set", "max_steps=20", "--set", "save_steps=5"],
-                   env_extra={"RAY_ADDRESS": ray_address, "HOME": str(tmp_path / "home"),
-                              "PYTHONPATH": str(plugin.parent), "FSSPEC_FLAKY_TOKENS": str(tokens)})
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-5000:]
-    assert list(tokens.iterdir()) == []  # all 3 failures happened
-    assert "storage       uploading " in log and "injected: connection reset" in log
-    from raytrain_align import elastic
-
-    starts = [r for r in elastic.read_jsonl(str(storage / "sft_mid" / elastic.LOG_DIR / elastic.RUN_LOG))
-              if r.get("event") == "start"]
-    assert [r["cause"] for r in starts] == ["start"]  # no restart: the uploads were retried in place
-    run = json.loads((out / "raytrain_align_run.json").read_text())
-    assert run["metrics"]["step"] == 20
-    assert (storage / "sft_mid" / "checkpoint-0000020").is_dir()  # the last save, committed and kept
