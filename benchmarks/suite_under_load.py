@@ -2,7 +2,10 @@
 CPU-heavy neighbour keeps one core busy, as on a shared CI machine. Writes
 benchmarks/results/suite_under_load-<date>.md with the command, the machine, and each pass's counts and time.
 
-    python -m benchmarks.suite_under_load [--passes 3] [--modules tests/test_elastic.py ...]
+    python -m benchmarks.suite_under_load [--passes 3] [--modules tests/test_elastic.py ...] [--all]
+
+`--all` runs the whole suite instead (pytest's testpaths: what the README's test command runs). The results file
+is rewritten after every pass, so a pass cut short leaves the ones before it on record.
 """
 
 import argparse
@@ -46,33 +49,36 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--modules", nargs="+", default=SLOW_MODULES)
+    ap.add_argument("--all", action="store_true", help="the whole suite (pytest's testpaths)")
     args = ap.parse_args()
+    if args.all:
+        args.modules = []
     stop = multiprocessing.Event()
     hog = multiprocessing.Process(target=neighbour, args=(stop,), daemon=True)
     hog.start()
     rows, started = [], datetime.datetime.now(datetime.timezone.utc)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    out = REPO / "benchmarks" / "results" / f"suite_under_load-{started:%Y-%m-%d}{'-all' if args.all else ''}.md"
     try:
         for i in range(1, args.passes + 1):
             summary, seconds, rc = one_pass(args.modules)
             rows.append(f"| {i} | {summary} | {seconds / 60:.1f} | {rc} |")
             print(rows[-1], flush=True)
+            out.write_text("\n".join([
+                "# The slow test modules, run in a row beside a CPU-heavy neighbour",
+                "",
+                f"- command: `python -m benchmarks.suite_under_load {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+                f"- commit: {commit.strip()}; started {started:%Y-%m-%d %H:%M} UTC",
+                f"- machine: {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
+                "- neighbour: one process of pure-Python tokenizing work for the whole time (one core busy)",
+                f"- modules: {' '.join(args.modules) or 'all (testpaths)'}",
+                "",
+                "| pass | pytest summary | minutes | exit code |",
+                "|---|---|---|---|",
+                *rows, ""]))
     finally:
         stop.set()
         hog.join(timeout=30)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-    out = REPO / "benchmarks" / "results" / f"suite_under_load-{started:%Y-%m-%d}.md"
-    out.write_text("\n".join([
-        "# The slow test modules, run in a row beside a CPU-heavy neighbour",
-        "",
-        f"- command: `python -m benchmarks.suite_under_load {' '.join(sys.argv[1:])}`".replace(" `", "`"),
-        f"- commit: {commit.strip()}; started {started:%Y-%m-%d %H:%M} UTC",
-        f"- machine: {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
-        "- neighbour: one process of pure-Python tokenizing work for the whole time (one core busy)",
-        f"- modules: {' '.join(args.modules)}",
-        "",
-        "| pass | pytest summary | minutes | exit code |",
-        "|---|---|---|---|",
-        *rows, ""]))
     print(f"written {out.relative_to(REPO)}")
     return max(int(row.rsplit("|", 2)[-2]) for row in rows)
 
