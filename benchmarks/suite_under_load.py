@@ -65,7 +65,7 @@ def main() -> int:
             rows.append(f"| {i} | {summary} | {seconds / 60:.1f} | {rc} |")
             print(rows[-1], flush=True)
             out.write_text("\n".join([
-                "# The slow test modules, run in a row beside a CPU-heavy neighbour",
+                f"# {'The whole test suite' if args.all else 'The slow test modules'}, run beside a CPU-heavy neighbour",
                 "",
                 f"- command: `python -m benchmarks.suite_under_load {' '.join(sys.argv[1:])}`".replace(" `", "`"),
                 f"- commit: {commit.strip()}; started {started:%Y-%m-%d %H:%M} UTC",
