@@ -157,9 +157,24 @@ class Run:
             assert line is not None, "the driver exited; output tail:\n" + "".join(self.lines[-60:])
             self.lines.append(line)
 
-    def count(self, pattern: str) -> int:
-        rx = re.compile(pattern)
-        return sum(1 for line in self.lines if rx.search(line))
+    def starts(self) -> list[dict]:
+        """The run log's start records so far (one per start of the worker group, written once its checkpoint is
+        loaded): what the workers wrote, not what the log says."""
+        from raytrain_align import elastic
+
+        return [r for r in elastic.read_jsonl(f"{elastic.log_dir(str(self.storage), self.name + '-tiny')}/{elastic.RUN_LOG}")
+                if r.get("event") == "start"]
+
+    def wait_for_start(self, after: int, world: int | None = None, timeout: float = 300) -> dict:
+        """Read output until the run log holds a start beyond the first `after` ones (at world size `world`, if
+        given, as the latest); returns that start. A fault may cost more than one restart; this waits for the state
+        the next fault needs, not for a count."""
+        def reached():
+            starts = self.starts()
+            return len(starts) > after and (world is None or starts[-1]["world_size"] == world)
+
+        self.wait_until(reached, timeout)
+        return self.starts()[-1]
 
     def wait_step(self, step: int, timeout: float = 300) -> int:
         since = len(self.lines)
@@ -359,40 +374,38 @@ def chaos(c, nodes, address, storage, reference, steps: int = CHAOS_STEPS, save_
         "--set", f"max_steps={steps}", "--set", f"save_steps={save_every}", "--set", "save_total_limit=2",
         "--set", f"ray.callbacks=[{{benchmarks.faults:SlowSteps: {{seconds: 0.5}}}}, "
                  f"{{benchmarks.faults:CrashInSave: {{arm_file: '{arm}'}}}}]"))
-    injected, restarts = [], 0  # the restarts the injected faults cause
-
-    def settle():  # every restart so far has loaded its checkpoint
-        run.wait_until(lambda: run.count(r"resume ") >= restarts)
-
-    run.wait_for(r"world 4,")
+    injected = []
+    run.wait_for_start(0, world=4)
     for fault in CHAOS_FAULTS:
         injected.append({"fault": fault, "step": run.wait_step(at[fault])})
+        before = len(run.starts())
         if fault == "worker killed":
             injected[-1]["pid"] = kill_a_worker(address, rng)
+            run.wait_for_start(before, world=4)
         elif fault == "node removed":
             c.remove_node(nodes[1], allow_graceful=False)
+            run.wait_for_start(before, world=2)
         elif fault == "node added back":
             nodes[1] = add_node(c)
+            run.wait_for_start(before, world=4)  # Ray Train's resize check grows the group
         elif fault == "node drained":
             mark = len(run.lines)
             _drain(address, nodes[1])
             run.wait_for(r"preemption .*committed", since=mark)
             c.remove_node(nodes[1], allow_graceful=False)
-            restarts += 1
-            settle()
+            run.wait_for_start(before, world=2)
             nodes[1] = add_node(c)
             injected.append({"fault": "node added back", "step": run.wait_step(0)})
+            run.wait_for_start(len(run.starts()), world=4)
         elif fault == "crash while saving":  # at the next save
             arm.touch()
             fired = Path(f"{arm}.fired")
             run.wait_until(lambda: fired.exists() and fired.read_text() != "")
             injected[-1]["step"] = int(fired.read_text())
+            run.wait_for_start(before, world=4)
         else:  # driver killed: the same command again, over the same storage
             run.kill_driver()
             run.relaunch()
-            break
-        restarts += 1
-        settle()
     run.finish()
     record = evidence(run, reference, steps)
     record["injected"] = injected
