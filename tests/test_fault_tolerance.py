@@ -33,7 +33,10 @@ def flaky_storage(tmp_path, failures: int) -> tuple[str, dict]:
     return f"flaky://{tmp_path / 'storage'}", env
 
 
-def test_killed_worker_restarts_from_last_checkpoint(ray_address, tmp_path):
+def test_killed_worker_restarts_from_last_checkpoint(tmp_path):
+    """On a local Ray of the driver's own (RAY_ADDRESS=local): an fsspec plugin must be installed wherever storage
+    is opened, Ray Data's and Ray Train's workers included, and the workers of a cluster the driver starts share
+    its environment; those of the tests' shared head do not."""
     out = tmp_path / "model"
     # two failed uploads (3 s of retries) of the step-20 checkpoint's first file, well before the kill at step 36
     uri, env = flaky_storage(tmp_path, failures=2)
@@ -42,7 +45,7 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_address, tmp_path):
             # checkpoints uploaded in the background: the one the restart finds was uploaded while training went on
             "--set", "ray.checkpoint_upload=async"]
     # past step 20's checkpoint (committed) and before step 40's
-    returncode, log, killed_at, t_kill = run_killing_rank1(args, ray_address, 2 * SAVE_EVERY - 4, env)
+    returncode, log, killed_at, t_kill = run_killing_rank1(args, "local", 2 * SAVE_EVERY - 4, env)
     assert returncode == 0, log[-5000:]
     assert killed_at is not None, log[-3000:]
     # the failed uploads were sent again in place (the one restart below is the kill's)
