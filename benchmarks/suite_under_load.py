@@ -38,8 +38,8 @@ def one_pass(modules: list[str]) -> tuple[str, float, int]:
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *modules], cwd=REPO,
                           capture_output=True, text=True)
-    summary = next((line for line in reversed(proc.stdout.splitlines()) if " in " in line and "=" in line),
-                   proc.stdout.splitlines()[-1] if proc.stdout else "no output")
+    summary = next((line for line in reversed(proc.stdout.splitlines())
+                    if re.search(r"\d+ (passed|failed|error)", line) and re.search(r" in [\d.]+s", line)), "no summary")
     if proc.returncode:
         sys.stderr.write(proc.stdout[-6000:])
     return summary.strip("= "), time.time() - t0, proc.returncode
