@@ -30,6 +30,11 @@ def flaky_storage(tmp_path, failures: int) -> tuple[str, dict]:
     for i in range(failures):
         (tokens / str(i)).touch()
     env = {"PYTHONPATH": str(plugin.parent), "FSSPEC_FLAKY_TOKENS": str(tokens)}
+    import fsspec
+
+    from benchmarks.faults import FlakyFileSystem
+
+    fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)  # this process reads the run's files too
     return f"flaky://{tmp_path / 'storage'}", env
 
 
