@@ -67,7 +67,7 @@ def main() -> int:
             out.write_text("\n".join([
                 f"# {'The whole test suite' if args.all else 'The slow test modules'}, run beside a CPU-heavy neighbour",
                 "",
-                f"- command: `python -m benchmarks.suite_under_load {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+                f"- command: `{' '.join(['python -m benchmarks.suite_under_load', *sys.argv[1:]])}`",
                 f"- commit: {commit.strip()}; started {started:%Y-%m-%d %H:%M} UTC",
                 f"- machine: {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
                 "- neighbour: one process of pure-Python tokenizing work for the whole time (one core busy)",
