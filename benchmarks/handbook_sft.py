@@ -8,7 +8,8 @@ zero.Init with ZeRO-3, `use_cache=False` when gradient checkpointing), the datas
 files: per entry columns, seeded shuffle, `int(len x weight)` rows, concatenated and shuffled), and TRL's
 SFTTrainer, which tokenizes and packs on its own (dataset_num_proc processes, rank 0 first). The
 recipe's `ray:` section is ignored. The only additions are measurement: the same StepTimer callback the
-Ray workers use, and a JSON of its stats written by rank 0 to $BENCH_RESULT.
+Ray workers use, and a JSON of its stats written by rank 0 to $BENCH_RESULT; with $BENCH_PROFILE set, rank 0's
+torch.profiler tables of one optimizer step (the third) are written to that file.
 """
 
 from __future__ import annotations
@@ -20,6 +21,34 @@ import sys
 import time
 
 T_START = time.time()
+
+
+def profile_callback(path: str, at_step: int = 2):
+    """torch.profiler over optimizer step at_step+1: where a step's time goes, by op (GPU self time and CPU)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Profile(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == at_step and state.is_world_process_zero:
+                acts = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * torch.cuda.is_available()
+                self.prof = torch.profiler.profile(activities=acts, record_shapes=False)
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.prof is not None:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                ka = self.prof.key_averages()
+                with open(path, "w") as f:
+                    f.write(ka.table(sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total", row_limit=35) + "\n")
+                    f.write(ka.table(sort_by="cpu_time_total", row_limit=35) + "\n")
+                self.prof = None
+
+    return Profile()
 
 
 def main(path: str, method: str = "sft") -> None:
@@ -83,7 +112,8 @@ def main(path: str, method: str = "sft") -> None:
         train = train.remove_columns("messages")
 
     timer = timing_callback()
-    trainer = trainer_cls(model=model, args=args, train_dataset=train, processing_class=tok, callbacks=[timer])
+    callbacks = [timer] + ([profile_callback(os.environ["BENCH_PROFILE"])] if os.environ.get("BENCH_PROFILE") else [])
+    trainer = trainer_cls(model=model, args=args, train_dataset=train, processing_class=tok, callbacks=callbacks)
     milestones["trainer_built"] = time.time()  # TRL tokenized and packed the data inside
     t0 = time.time()
     try:

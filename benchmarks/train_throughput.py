@@ -220,6 +220,8 @@ def run_one(idx: int, path: str, vname: str, recipe_file: Path, args, work: Path
             cmd[3:3] = ["--cpu"]
             env["BENCH_CPU"] = "1"
         env["BENCH_RESULT"] = str(out / "plain_result.json")
+        if args.profile:
+            env["BENCH_PROFILE"] = str(out / "profile.txt")
     log = out / "log.txt"
     print(f"[{time.strftime('%H:%M:%S')}] run {label}: {' '.join(cmd)}", flush=True)
     t_launch = time.time()
@@ -397,6 +399,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/train_throughput")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--tag", default="")
+    p.add_argument("--profile", action="store_true",
+                   help="plain runs: torch.profiler tables of the third step into each run's log folder (and --logs-tar)")
     p.add_argument("--logs-tar", default=None, help="also pack every run's log into this .tar.gz")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny CPU check of this script (Ray path uses --tiny)")
     p.add_argument("--method", choices=["sft", "dpo"], default="sft",
@@ -485,6 +489,9 @@ def main(argv=None) -> int:
             for r in runs:
                 if r.get("log") and Path(r["log"]).exists():
                     tf.add(r["log"], arcname=f"{r['label']}.log")
+                profile = Path(r["log"]).with_name("profile.txt") if r.get("log") else None
+                if profile and profile.exists():
+                    tf.add(profile, arcname=f"{r['label']}.profile.txt")
     print(render_md(res), flush=True)
     return 0
 

@@ -88,6 +88,14 @@ def check_storage(plan: Plan, output: bool = True) -> None:
 CHECKPOINT_BYTES_PER_PARAM = 14
 
 
+def checkpoints_kept(training: dict) -> int:
+    """Checkpoints in storage at once: save_total_limit, plus the next one written before the oldest goes;
+    none when the recipe saves none (save_strategy: no)."""
+    if training.get("save_strategy", "steps") == "no":
+        return 0
+    return (training.get("save_total_limit") or 1) + 1
+
+
 def check_storage_space(plan: Plan) -> None:
     """A local storage folder without room for the checkpoints Ray keeps (save_total_limit, plus the next one,
     written before the oldest goes) and the exported model fails here, not at the first save hours in."""
@@ -98,7 +106,7 @@ def check_storage_space(plan: Plan) -> None:
     params = model_params(plan.model["model_name_or_path"], plan.model.get("model_revision"))
     if params is None or plan.model.get("use_peft"):  # not on this machine yet / adapters only: small
         return
-    copies = (plan.training.get("save_total_limit") or 1) + 1
+    copies = checkpoints_kept(plan.training)
     need = params * (CHECKPOINT_BYTES_PER_PARAM * copies + 2)
     free = shutil.disk_usage(storage.nearest_existing(plan.storage_path)).free
     if free < need:

@@ -234,3 +234,13 @@ def test_an_upload_that_keeps_failing_raises_and_a_permanent_error_is_not_retrie
     assert not storage.transient(PermissionError(errno.EACCES, "denied"))
     assert not storage.transient(OSError(errno.ENOSPC, "No space left on device"))
     assert not storage.transient(ValueError("not an OSError"))
+
+
+@pytest.mark.parametrize("training, kept", [
+    ({}, 2), ({"save_total_limit": 1}, 2), ({"save_total_limit": 3}, 4), ({"save_strategy": "no"}, 0),
+    ({"save_strategy": "epoch", "save_total_limit": 2}, 3),
+])
+def test_storage_space_counts_the_checkpoints_the_recipe_keeps(training, kept):
+    from raytrain_align.launch import checkpoints_kept
+
+    assert checkpoints_kept(training) == kept
