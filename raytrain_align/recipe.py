@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from . import handbook
 from .accelerate_config import fsdp2_launch_args
 from .accelerate_config import load as load_accelerate_config
 from .errors import RecipeError, did_you_mean, read_yaml_mapping
@@ -59,27 +60,6 @@ RAY_FIELDS: dict[str, Any] = {
 # named after the script that trains them. Only these can be trained here:
 SUPPORTED_METHODS = ("sft", "dpo", "orpo")
 
-# Fields current TRL/transformers renamed: translated with one warning line each, never dropped.
-RENAMED_FIELDS = {
-    "warmup_ratio": "warmup_steps",  # transformers 5: warmup_steps < 1 is a ratio
-    "max_seq_length": "max_length",
-    "torch_dtype": "dtype",
-    "hub_model_revision": "hub_revision",  # the handbook's own field, now transformers' (the branch pushed to)
-}
-# Values current TRL renamed, per field: translated with one warning line.
-RENAMED_VALUES = {
-    ("packing_strategy", "ffd"): "bfd",  # TRL 0.20+: first-fit-decreasing became best-fit-decreasing
-    ("packing_strategy", "bfd-requeue"): "bfd_split",
-}
-# Fields the handbook's recipes still carry that current TRL/transformers removed, and what happens instead.
-# Each is dropped with one warning line naming the replacement; nothing is dropped silently.
-REMOVED_FIELDS = {
-    "overwrite_output_dir": "transformers 5 removed it; each run exports into output_dir afresh and checkpoints "
-                            "live in Ray storage",
-    "max_prompt_length": "TRL 1.x removed it; the trainer truncates prompt+completion to max_length",
-    "max_completion_length": "TRL 1.x removed it; DPO truncates prompt+completion to max_length (truncation_mode)",
-}
-
 # ModelConfig's bitsandbytes quantization (QLoRA) switches.
 QUANTIZATION_KEYS = ("load_in_4bit", "load_in_8bit")
 
@@ -98,7 +78,6 @@ def gpu_only_settings(model: dict, training: dict) -> dict[str, Any]:
 # The handbook's `dataset_mixture` entries (alignment.configs.DatasetConfig).
 MIXTURE_KEYS = {"datasets", "seed", "test_split_size", "take"}  # take: shuffled (default) | first (older handbook)
 MIXTURE_ENTRY_KEYS = {"id", "config", "split", "columns", "weight", "test"}  # test: true: a whole named test split
-LEGACY_MIXER_KEYS = ("dataset_mixer", "dataset_splits", "dataset_configs")  # the handbook's format before #221
 
 # Fields the handbook adds to TRL's configs.
 HANDBOOK_TRAIN_FIELDS: dict[str, Any] = {"chat_template": str | None}
@@ -217,27 +196,6 @@ VALUE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
     (("seed", "data_seed"), lambda v: _integer(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
     (("ray.max_failures",), lambda v: _integer(v) and v >= -1, "-1 (no limit) or an integer >= 0"),
 ]
-
-
-def translate_dataset_mixer(where: str, raw: dict) -> dict:
-    """The older `dataset_mixer: {id: fraction}` + `dataset_splits` (+ `dataset_configs`) as a dataset_mixture
-    that keeps what alignment.data.mix_datasets did: each split named train_* trains on the first
-    int(fraction x rows) rows, each test_* split is the test set whole, both shuffled with seed 42."""
-    if "dataset_mixture" in raw:
-        raise RecipeError(f"{where}: both dataset_mixture and the older dataset_mixer are set; keep only dataset_mixture")
-    mixer, splits = raw.get("dataset_mixer"), raw.get("dataset_splits") or ["train", "test"]
-    configs = raw.get("dataset_configs") or [None] * len(mixer or {})
-    if not isinstance(mixer, dict) or not mixer or not isinstance(splits, list) or len(configs) != len(mixer):
-        raise RecipeError(f"{where}: dataset_mixer must map dataset ids to fractions, dataset_splits list split names, "
-                          "and dataset_configs (if set) name one config per dataset")
-    entries = []
-    for (dataset, fraction), config in zip(mixer.items(), configs):
-        for split in splits:
-            if "train" not in split and "test" not in split:
-                raise RecipeError(f"{where}: dataset_splits entry '{split}' names neither a train nor a test split")
-            entry = {"id": dataset, "config": config, "split": split}
-            entries.append({**entry, "weight": fraction} if "train" in split else {**entry, "test": True})
-    return {"datasets": entries, "seed": 42, "take": "first"}
 
 
 def _check_values(where: str, values: dict[str, Any]) -> None:
@@ -425,28 +383,7 @@ def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None, acce
 
     recipe = Recipe(name=name, path=path.resolve(), method=method)
     where = f"recipe '{path}'"
-    if any(k in raw for k in LEGACY_MIXER_KEYS):
-        raw["dataset_mixture"] = translate_dataset_mixer(where, raw)
-        recipe.warnings.append(
-            f"warning: {', '.join(repr(k) for k in LEGACY_MIXER_KEYS if k in raw)}: the handbook's older mixture format; "
-            "translated to dataset_mixture with its behaviour (first rows of each dataset, shuffle seed 42, the test "
-            "splits whole); the older scripts' column selection is not applied, select columns if the data needs it")
-        for k in LEGACY_MIXER_KEYS:
-            raw.pop(k, None)
-    for old, new in RENAMED_FIELDS.items():
-        if old in raw and new in known:
-            if new in raw:
-                raise RecipeError(f"{where}: both '{old}' and its new name '{new}' are set; keep only '{new}'")
-            raw[new] = raw.pop(old)
-            recipe.warnings.append(f"warning: '{old}' is now '{new}' in TRL/transformers; translated (rename it in the recipe)")
-    for old, why in REMOVED_FIELDS.items():
-        if old in raw and old not in known:
-            value = raw.pop(old)
-            recipe.warnings.append(f"warning: '{old}: {value}' ignored: {why}")
-    for (key, old), new in RENAMED_VALUES.items():
-        if raw.get(key) == old:
-            raw[key] = new
-            recipe.warnings.append(f"warning: '{key}: {old}' is now '{key}: {new}' in TRL; translated")
+    recipe.warnings += handbook.translate(where, raw, known)
     for key, value in raw.items():
         if key == "ray":
             if not isinstance(value, dict):
@@ -468,6 +405,7 @@ def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None, acce
                 placed = True
         assert placed
     _check_mixture(where, recipe.script.get("dataset_mixture"))
+    recipe.warnings += handbook.method_limits(where, method, recipe.training)
     _check_values(where, {**recipe.model, **recipe.script, **recipe.training,
                           **{f"ray.{k}": v for k, v in recipe.ray.items()}})
     if not recipe.script.get("dataset_mixture") and not recipe.script.get("dataset_name"):

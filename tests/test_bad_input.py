@@ -153,6 +153,9 @@ CASES = {
     "storage under a file": (_under_a_file("--storage"), "cannot be written: "),
     "output dir under a file": (_under_a_file("--output-dir"), "cannot be written: "),
     "storage without room for the checkpoints": (_model_larger_than_the_disk, "this run writes at least 30,000.0 GB"),
+    "dpo with every_n_layers checkpointing": (
+        lambda t: ["dpo_apo_zero", "--tiny", "--set", "gradient_checkpointing_kwargs={use_reentrant: true, every_n_layers: 2}"],
+        "every_n_layers does not work with TRL 1.16's DPOTrainer"),
     "storage scheme unknown": (lambda t: ["sft_mid", "--tiny", "--storage", "nosuch://bucket/runs"],
                                "--storage nosuch://bucket/runs: Protocol not known: nosuch"),
 }

@@ -39,7 +39,7 @@ def test_plan_dpo_apo_zero_is_2_nodes_gbs_32(capsys):
     assert plan["method"] == "dpo" and plan["world_size"] == 16 and plan["global_batch_size"] == 32
     t = plan["training"]
     assert (t["loss_type"], t["beta"], t["learning_rate"], t["max_length"]) == ("apo_zero", 0.05, 1e-6, 24576)
-    assert t["lr_scheduler_type"] == "cosine_with_min_lr" and t["warmup_steps"] == 0.1 and t["padding_free"] is True
+    assert t["lr_scheduler_type"] == "cosine_with_min_lr" and t["warmup_steps"] == 0.1 and t["padding_free"] is False
     assert plan["deepspeed_config"]["zero_optimization"]["stage"] == 3
 
 
@@ -196,3 +196,10 @@ def test_gpu_recipe_asking_for_liger_without_it_names_the_extra(tmp_path, capsys
     assert cli.main(["plan", "sft_mid", "--cpu", "--json", "--storage", str(storage)]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["training"]["use_liger_kernel"] is False and plan["cpu_overrides"]["use_liger_kernel"] is False
+
+
+def test_dpo_padding_free_says_in_one_warning_that_trl_pads(capsys):
+    """TRL 1.16's DPOTrainer turns padding_free off on its own; the plan says so up front."""
+    assert cli.main(["plan", "dpo_apo_zero", "--json", "--set", "padding_free=true"]) == 0
+    cap = capsys.readouterr()
+    assert cap.err.count("warning: 'padding_free: true' is not carried out") == 1, cap.err

@@ -109,7 +109,7 @@ def test_hub_layout_rows_equal_datasets(hub, tmp_path, monkeypatch):
 def test_older_dataset_mixer_translation_keeps_its_rows_and_order(tmp_path):
     """The handbook's older `dataset_mixer` + `dataset_splits` (zephyr-7b-beta/dpo/config_qlora.yaml's format),
     translated by the recipe loader: the same train and test rows in the same order as its `mix_datasets`."""
-    from raytrain_align.recipe import translate_dataset_mixer
+    from raytrain_align.handbook import translate_dataset_mixer
 
     root = hub_tree(tmp_path / "ultrafeedback-like", "default", {"train_prefs": 50, "test_prefs": 12, "train_sft": 31})
     other = hub_tree(tmp_path / "other", "default", {"train_prefs": 20, "test_prefs": 6})
