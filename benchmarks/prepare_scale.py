@@ -134,7 +134,7 @@ def driver_at_sft_mid() -> dict:
 
     code = """
 import json, resource, time, tracemalloc
-from raytrain_align import sources
+from raytrain_align import mixture_order, sources
 tracemalloc.start()  # numpy's arrays are traced too: the peak of what this work allocated, imports aside
 t0 = time.perf_counter()
 srcs = []
@@ -146,7 +146,7 @@ for split, n in (("Llama_Nemotron_Post_Training_Dataset_reasoning_r1", 3_644_790
         files.append(sources.SourceFile(f"hf://datasets/HuggingFaceTB/smoltalk2/data/Mid/{split}-{k:05d}.parquet",
                                         "parquet", rows, groups))
     srcs.append(sources.Source({"id": "HuggingFaceTB/smoltalk2", "weight": 1.0}, files, ["messages"], ["messages"]))
-order = sources.mixture_order(srcs, {"seed": 0})
+order = mixture_order.mixture_order(srcs, {"seed": 0})
 frags = sources.fragments(srcs, order)
 seconds = time.perf_counter() - t0
 print(json.dumps({"rows": len(order.train), "read_tasks": len(frags), "seconds": round(seconds, 2),

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import sources, storage, tokenize_blocks
+from . import mixture_order, sources, storage, tokenize_blocks
 from .errors import RecipeError
 
 FORMAT_VERSION = 3  # bump when the prepared layout changes, so old caches are not reused
@@ -199,7 +199,7 @@ def _tokenize(plan, located, spec, key, out: str, final: str, log) -> Prepared:
     t0 = time.time()
     mix = sources.mixture(plan.script)
     srcs = sources.resolve(mix["datasets"], located)
-    order = sources.mixture_order(srcs, mix)
+    order = mixture_order.mixture_order(srcs, mix)
     tokenizer_path = plan.model["model_name_or_path"]
     n_test = 0 if order.test is None else len(order.test)
     log(f"data          tokenizing {len(order.train):,} rows with Ray Data ({plan.method.upper()}, TRL {spec['trl']}) "

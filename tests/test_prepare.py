@@ -10,7 +10,7 @@ import datasets
 import pyarrow as pa
 import pytest
 
-from raytrain_align import prepare, sources, tiny, tokenize_blocks
+from raytrain_align import mixture_order, prepare, sources, tiny, tokenize_blocks
 from raytrain_align.errors import RecipeError
 
 from . import prep_data
@@ -262,7 +262,7 @@ def three_sets(tmp_path):
 
 def _mixture(mix):
     srcs = sources.resolve(mix["datasets"])
-    train, test = rows_in_order(srcs, sources.mixture_order(srcs, mix))
+    train, test = rows_in_order(srcs, mixture_order.mixture_order(srcs, mix))
     return train, (test if mix.get("test_split_size") is not None else None)
 
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from raytrain_align import prepare, sources, tiny, tokenize_blocks
+from raytrain_align import mixture_order, prepare, sources, tiny, tokenize_blocks
 
 from . import prep_data
 from .conftest import REPO, run_cli
@@ -48,7 +48,7 @@ def _prepare_rows(rows, out, method, tok_dir, training, tmp_path):
     path = tmp_path / f"{method}.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=300)
     srcs = sources.resolve([{"id": str(path)}])
-    order = sources.Order(np.arange(len(rows)), None, [0])
+    order = mixture_order.Order(np.arange(len(rows)), None, [0])
     return tokenize_blocks.tokenize(sources.fragments(srcs, order), {0: len(rows)}, str(out), method, tok_dir, training, {},
                             log=lambda _: None)[0]
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raytrain_align import sources
+from raytrain_align import mixture_order, sources
 from raytrain_align.errors import RecipeError
 
 from . import handbook_mixture
@@ -37,7 +37,7 @@ def reference_ids(sizes, weights, seed, test_size):
     ([5, 0, 9], [1.0, 1.0, 0.5], 1, 0.3),
 ])
 def test_order_equals_datasets(sizes, weights, seed, test_size):
-    order = sources.order(sizes, weights, seed, test_size)
+    order = mixture_order.order(sizes, weights, seed, test_size)
     train, test = reference_ids(sizes, weights, seed, test_size)
     assert order.train.tolist() == train
     assert (order.test.tolist() if order.test is not None else None) == test
@@ -46,7 +46,7 @@ def test_order_equals_datasets(sizes, weights, seed, test_size):
 def test_bad_split_sizes():
     for size in (0, 10, 1.0, 0.0, -3):
         with pytest.raises(RecipeError, match="test_split_size"):
-            sources.order([10], [None], 0, size)
+            mixture_order.order([10], [None], 0, size)
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -99,8 +99,8 @@ def test_hub_layout_rows_equal_datasets(hub, tmp_path, monkeypatch):
            "seed": 11, "test_split_size": 0.1}
     srcs = sources.resolve(mix["datasets"])
     assert [s.rows for s in srcs] == [60, 45, 30] and len(srcs[0].files) == 2
-    assert len(sources.fragments(srcs, sources.mixture_order(srcs, mix))) > 10
-    train, test = rows_in_order(srcs, sources.mixture_order(srcs, mix))
+    assert len(sources.fragments(srcs, mixture_order.mixture_order(srcs, mix))) > 10
+    train, test = rows_in_order(srcs, mixture_order.mixture_order(srcs, mix))
     ref_train, ref_test = handbook_mixture.mixture(mix)
     assert train == ref_train.to_list()
     assert test == ref_test.to_list()
@@ -117,7 +117,7 @@ def test_older_dataset_mixer_translation_keeps_its_rows_and_order(tmp_path):
            "dataset_configs": ["default", "default"]}
     mix = translate_dataset_mixer("recipe", raw)
     srcs = sources.resolve(mix["datasets"])
-    train, test = rows_in_order(srcs, sources.mixture_order(srcs, mix))
+    train, test = rows_in_order(srcs, mixture_order.mixture_order(srcs, mix))
     ref_train, ref_test = handbook_mixture.legacy_mixer(raw["dataset_mixer"], raw["dataset_splits"], raw["dataset_configs"])
     assert len(train) == 30 + 20 and len(test) == 12 + 6
     assert train == ref_train.to_list() and test == ref_test.to_list()
