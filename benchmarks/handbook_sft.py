@@ -9,7 +9,7 @@ files: per entry columns, seeded shuffle, `int(len x weight)` rows, concatenated
 SFTTrainer, which tokenizes and packs on its own (dataset_num_proc processes, rank 0 first). The
 recipe's `ray:` section is ignored. The only additions are measurement: the same StepTimer callback the
 Ray workers use, and a JSON of its stats written by rank 0 to $BENCH_RESULT; with $BENCH_PROFILE set, rank 0's
-torch.profiler tables of one optimizer step (the third) are written to that file.
+torch.profiler tables of one optimizer step (the second) are written to that file.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import time
 T_START = time.time()
 
 
-def profile_callback(path: str, at_step: int = 2):
-    """torch.profiler over optimizer step at_step+1: where a step's time goes, by op (GPU self time and CPU)."""
+def profile_callback(path: str, at_step: int = 1):
+    """torch.profiler over optimizer step at_step+1: where a step's time goes, by op (GPU self time and CPU).
+    Writing the tables takes seconds and lands in the next step's time, so both must be warm-up steps."""
     import torch
     from transformers import TrainerCallback
 

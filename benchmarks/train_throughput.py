@@ -400,12 +400,16 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--tag", default="")
     p.add_argument("--profile", action="store_true",
-                   help="plain runs: torch.profiler tables of the third step into each run's log folder (and --logs-tar)")
+                   help="plain runs: torch.profiler tables of the second step into each run's log folder (and --logs-tar); "
+                        "needs --warmup 3 or more (the tables' writing lands in the third step)")
     p.add_argument("--logs-tar", default=None, help="also pack every run's log into this .tar.gz")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny CPU check of this script (Ray path uses --tiny)")
     p.add_argument("--method", choices=["sft", "dpo"], default="sft",
                    help="sft: recipes/smollm3/sft/mid.yaml; dpo: recipes/smollm3/dpo/apo.yaml on preference pairs")
     args = p.parse_args(argv)
+    if args.profile and args.warmup < 3:
+        p.error("--profile needs --warmup 3 or more: the profiled second step and the third, which holds the "
+                "writing of its tables, stay out of the medians")
     t0 = time.time()
     import torch
 
