@@ -17,7 +17,7 @@ from . import storage
 from .errors import RecipeError
 from .mixture_order import Order
 
-BLOCKS_PER_RUN = 2  # blocks one tokenize call gets: 2,000 rows, whatever the data's size
+BLOCKS_PER_RUN = 1  # blocks one tokenize call gets: 1,000 rows, whatever the data's size
 ROWS_PER_BLOCK = 1000  # TRL tokenizes and packs in batches of 1000 rows (datasets.map default); so do we, per block.
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 JSON_CHUNK_BYTES = 16 << 20  # a JSON read task parses this much text at a time

@@ -17,7 +17,7 @@ from .conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-ROWS = 5000  # 1x: 5M tokens of reasoning chats just under max_length (4x: 20M; 8 bytes each prepared: 160 MB)
+ROWS = 10000  # 1x: 10M tokens of reasoning chats just under max_length (4x: 40M; 8 bytes each prepared: 320 MB)
 SMOL = "HuggingFaceTB/SmolLM3-3B"
 
 
