@@ -17,7 +17,6 @@ from . import storage
 from .errors import RecipeError
 from .mixture_order import Order
 
-BLOCKS_PER_RUN = 1  # blocks one tokenize call gets: 1,000 rows, whatever the data's size
 ROWS_PER_BLOCK = 1000  # TRL tokenizes and packs in batches of 1000 rows (datasets.map default); so do we, per block.
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 JSON_CHUNK_BYTES = 16 << 20  # a JSON read task parses this much text at a time
@@ -393,12 +392,10 @@ def read_rows(frags: list[dict]):
     return ds.map_batches(read_fragment, batch_size=1, batch_format="numpy", num_cpus=1)
 
 
-def in_blocks(rows, n_blocks: int, min_runs: int):
-    """The rows sorted by block into runs of whole blocks (boundaries known, so Ray Data does not sample), through
-    the object store. A run is at most BLOCKS_PER_RUN blocks, so what one actor call holds does not grow with the
-    data, and there are at least `min_runs` runs where the data allows, so every actor gets work."""
+def in_blocks(rows, n_blocks: int):
+    """The rows sorted into their blocks, one output block per 1000-row block (boundaries known, so Ray Data does not
+    sample), through the object store: what one actor call holds does not grow with the data."""
     # Push-based: its merge stage keeps the object count near inputs + outputs, where the pull-based sort makes
     # inputs x outputs objects (millions at sft_mid's size). This dataset's context only.
     rows.context.shuffle_strategy = "sort_shuffle_push_based"
-    per = max(1, min(BLOCKS_PER_RUN, -(-n_blocks // max(1, min_runs))))
-    return rows.sort("_block", boundaries=list(range(per, n_blocks, per)) or None)
+    return rows.sort("_block", boundaries=list(range(1, n_blocks)) or None)

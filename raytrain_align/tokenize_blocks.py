@@ -362,10 +362,9 @@ def tokenize(frags: list[dict], split_rows: dict[int, int], out_dir: str, method
     data_log = logging.getLogger("ray.data")
     level, data_log.level = data_log.level, logging.CRITICAL
     try:
-        # Sorted into short runs of whole blocks, at least two per CPU (so a slow run does not leave the others idle),
-        # and kept in the object store, so the reads had every CPU and the actors below get every CPU: a fixed pool,
-        # one actor per CPU of the cluster, spread over its nodes.
-        blocks = sources.in_blocks(sources.read_rows(frags), n_blocks, 2 * n_cpus).materialize()
+        # Sorted into their blocks and kept in the object store, so the reads had every CPU and the actors below get
+        # every CPU: a fixed pool, one actor per CPU of the cluster, spread over its nodes.
+        blocks = sources.in_blocks(sources.read_rows(frags), n_blocks).materialize()
         log(f"data          {n_rows:,} rows read by {len(frags)} read task(s) and sorted into {n_blocks} blocks in "
             f"{time.time() - t0:.1f}s; tokenizing ...")
         t0 = time.time()
@@ -373,7 +372,7 @@ def tokenize(frags: list[dict], split_rows: dict[int, int], out_dir: str, method
             TokenizeActor,
             fn_constructor_kwargs={"method": method, "tokenizer_path": tokenizer_path, "training": training,
                                    "options": options, "out_dir": out_dir, "split_rows": split_rows},
-            batch_size=None,  # a whole run of sorted rows: whole 1000-row blocks (checked by the actor)
+            batch_size=None,  # one sorted output block: one whole 1000-row block (checked by the actor)
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=max(1, min(n_cpus, n_blocks))),
             num_cpus=1,
