@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import queue
-import re
 import signal
 import subprocess
 import sys
@@ -126,36 +125,39 @@ class Run:
         """The same command again (after the driver was killed)."""
         self._start()
 
-    def wait_for(self, pattern: str, timeout: float = 300, since: int = 0) -> re.Match:
-        """Block until an output line (from index `since`) matches; returns the match."""
-        rx = re.compile(pattern)
-        for line in self.lines[since:]:
-            if m := rx.search(line):
-                return m
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                line = self._q.get(timeout=1)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
+    def _read_output(self, wait: float) -> None:
+        """Keep the driver's output (for the error message) without letting its pipe fill up."""
+        try:
+            line = self._q.get(timeout=wait)
+        except queue.Empty:
+            return
+        assert line is not None, "the driver exited; output tail:\n" + "".join(self.lines[-60:])
+        self.lines.append(line)
+        while not self._q.empty() and (line := self._q.get()) is not None:
             self.lines.append(line)
-            if m := rx.search(line):
-                return m
-        raise AssertionError(f"'{pattern}' not seen in {timeout}s; output tail:\n" + "".join(self.lines[-60:]))
 
-    def wait_until(self, done, timeout: float = 300) -> None:
-        """Read output until `done()` holds."""
+    def wait_until(self, done, timeout: float = 300):
+        """Poll `done()` (about 3 times a second) until it returns something true; returns that."""
         deadline = time.time() + timeout
-        while not done():
+        while not (result := done()):
             assert time.time() < deadline, f"condition not met in {timeout}s; output tail:\n" + "".join(self.lines[-60:])
-            try:
-                line = self._q.get(timeout=1)
-            except queue.Empty:
-                continue
-            assert line is not None, "the driver exited; output tail:\n" + "".join(self.lines[-60:])
-            self.lines.append(line)
+            self._read_output(0.3)
+        return result
+
+    def events(self, kind: str) -> list[dict]:
+        """The run's events of one kind so far (events.py: what the driver and rank 0 recorded)."""
+        from raytrain_align import events
+
+        return events.read(str(self.storage), f"{self.name}-tiny", {kind})
+
+    def wait_event(self, kind: str, match=lambda e: True, after: float = 0.0, timeout: float = 300) -> dict:
+        """The first event of `kind` recorded after unix time `after` for which `match(event)` holds."""
+        return self.wait_until(lambda: next((e for e in self.events(kind) if e["unix"] >= after and match(e)), None),
+                               timeout)
+
+    def wait_resumed(self, world: int | None = None) -> dict:
+        """A restart's start event (a resumed checkpoint loaded), at world size `world` if given."""
+        return self.wait_event("start", lambda e: e["cause"] != "start" and world in (None, e["world_size"]))
 
     def starts(self) -> list[dict]:
         """The run log's start records so far (one per start of the worker group, written once its checkpoint is
@@ -166,9 +168,9 @@ class Run:
                 if r.get("event") == "start"]
 
     def wait_for_start(self, after: int, world: int | None = None, timeout: float = 300) -> dict:
-        """Read output until the run log holds a start beyond the first `after` ones (at world size `world`, if
-        given, as the latest); returns that start. A fault may cost more than one restart; this waits for the state
-        the next fault needs, not for a count."""
+        """Wait until the run log holds a start beyond the first `after` ones (at world size `world`, if given, as
+        the latest); returns that start. A fault may cost more than one restart; this waits for the state the
+        next fault needs, not for a count."""
         def reached():
             starts = self.starts()
             return len(starts) > after and (world is None or starts[-1]["world_size"] == world)
@@ -177,12 +179,8 @@ class Run:
         return self.starts()[-1]
 
     def wait_step(self, step: int, timeout: float = 300) -> int:
-        since = len(self.lines)
-        while True:
-            m = self.wait_for(r"step +(\d+)/\d+", timeout, since)
-            since = len(self.lines)
-            if int(m.group(1)) >= step:
-                return int(m.group(1))
+        """The step of the first progress event from now on at or past `step`."""
+        return self.wait_event("progress", lambda e: e["step"] >= step, after=time.time(), timeout=timeout)["step"]
 
     def finish(self, timeout: float = 600) -> int:
         deadline = time.time() + timeout
@@ -277,13 +275,13 @@ def node_lost_and_back(c, nodes, address, storage, reference, backend="deepspeed
     # 1 s per step more: time for the returning raylet to register and Ray Train's resize check (every 5 s) to
     # see it before the 30 steps are over (a tiny step takes ~0.3 s here)
     run = Run(address, storage, name, extra=(*(FSDP if backend == "fsdp" else ()), "--set", "ray.callbacks=[benchmarks.faults:SlowSteps]"))
-    run.wait_for(r"world 4,")
+    run.wait_event("workers_formed", lambda e: e["world_size"] == 4)
     run.wait_step(SAVE_EVERY + 2)
     c.remove_node(nodes[1], allow_graceful=False)
-    run.wait_for(r"resume .*at world 2 ")
+    run.wait_resumed(world=2)
     run.wait_step(2 * SAVE_EVERY + 1)
     nodes[1] = add_node(c)
-    run.wait_for(r"resume .*at world 4 ")
+    run.wait_resumed(world=4)
     run.finish()
     return evidence(run, reference)
 
@@ -292,16 +290,16 @@ def node_drained(c, nodes, address, storage, reference):
     """A drain notice with a 60 s deadline (Ray's drain API, reason PREEMPTION, as a spot reclaim sends): the
     workers checkpoint at once and stop stepping; the node is then taken away and the run goes on at 2."""
     run = Run(address, storage, "node-drained")
-    run.wait_for(r"world 4,")
+    run.wait_event("workers_formed", lambda e: e["world_size"] == 4)
     run.wait_step(SAVE_EVERY + 2)
     _drain(address, nodes[1])
-    m = run.wait_for(r"preemption .*checkpoint at step (\d+) committed")
+    preempted = run.wait_event("preemption")  # the emergency checkpoint is committed
     c.remove_node(nodes[1], allow_graceful=False)  # the reclaim
-    run.wait_for(r"resume .*at world 2 ")
+    run.wait_resumed(world=2)
     run.finish()
     nodes[1] = add_node(c)
     record = evidence(run, reference)
-    record["emergency_checkpoint_step"] = int(m.group(1))
+    record["emergency_checkpoint_step"] = preempted["step"]
     return record
 
 
@@ -310,7 +308,7 @@ def crash_during_checkpoint(c, nodes, address, storage, reference):
     resumes from step 5's, which must be whole."""
     run = Run(address, storage, "crash-during-checkpoint", workers="2",
               extra=("--set", f"ray.callbacks=[{{benchmarks.faults:CrashInSave: {{step: {2 * SAVE_EVERY}}}}}]"))
-    run.wait_for(r"resume ")
+    run.wait_resumed()
     committed = sorted(p.name for p in (storage / f"{run.name}-tiny").glob("checkpoint-*"))
     run.finish()
     record = evidence(run, reference)
@@ -389,9 +387,9 @@ def chaos(c, nodes, address, storage, reference, steps: int = CHAOS_STEPS, save_
             nodes[1] = add_node(c)
             run.wait_for_start(before, world=4)  # Ray Train's resize check grows the group
         elif fault == "node drained":
-            mark = len(run.lines)
+            mark = time.time()
             _drain(address, nodes[1])
-            run.wait_for(r"preemption .*committed", since=mark)
+            run.wait_event("preemption", after=mark)
             c.remove_node(nodes[1], allow_graceful=False)
             run.wait_for_start(before, world=2)
             nodes[1] = add_node(c)

@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                 from dataclasses import asdict
 
                 print(json.dumps(asdict(p), indent=2))
+            else:
+                print(p.render(), flush=True)
             return 0
         from . import launch
         from .plan import describe

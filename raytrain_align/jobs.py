@@ -4,13 +4,16 @@
     job = jobs.submit("sft_mid", "--tiny", storage="/mnt/efs/runs")
     for line in jobs.follow(job): print(line)               # streams until the job ends
     jobs.status(job); jobs.stop(job)
+    jobs.progress(job)                                      # its progress events so far (step, loss, lr, tok/s)
     jobs.runs("/mnt/efs/runs")                              # one row per run in that storage
     jobs.metrics("/mnt/efs/runs", "smollm3-midtraining")    # its log history, one row per logged step
     jobs.checkpoints("/mnt/efs/runs", "smollm3-midtraining")
 
 The cluster side is the Ray Jobs SDK (`ray.job_submission.JobSubmissionClient`), so everything here is also
-`ray job submit|logs|status|stop`. The storage side reads Ray Train's run folders (`<storage>/<run>/checkpoint-*`,
-`final_model/raytrain_align_run.json`) and the prepared-data cache (`<storage>/prepared/<key>/`), local or s3://.
+`ray job submit|logs|status|stop`. The storage side reads each run's event stream (events.py), Ray Train's run
+folders (`<storage>/<run>/checkpoint-*`, `final_model/raytrain_align_run.json`) and the prepared-data cache
+(`<storage>/prepared/<key>/`), local or s3://. A job finds its run through the stream: the driver's `launch`
+event names the job's submission id.
 """
 
 from __future__ import annotations
@@ -27,17 +30,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
+from . import events
 from . import storage as store
 from .errors import RecipeError
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 CHECKOUT = Path(__file__).resolve().parent.parent
-# What the driver and rank 0 print (launch.py, train.py); parsed for progress, run names and restarts.
 # Lines from Ray workers reach the driver as "\x1b[36m(RayTrainWorker pid=123)\x1b[0m text": `clean` strips that.
 PREFIX = re.compile(r"^(?:\x1b\[[\d;]*m)?\([^)]*pid=\d+[^)]*\)(?:\x1b\[[\d;]*m)?\s?|\x1b\[[\d;]*m")
-PROGRESS = re.compile(r"^step\s+(\d+)/(\d+)\s+\(\s*\d+%\)\s+loss ([\d.]+)\s+lr ([\d.e+-]+)(?:\s+([\d,]+) tok/s)?")
-RUN_LINE = re.compile(r"run '([^']+)' (?:in|already finished in) (\S+?);?$")
-SESSION = re.compile(r"^workers\s+process group formed at ")  # rank 0, once per (re)start; its time tells copies apart
 
 
 def clean(line: str) -> str:
@@ -115,7 +115,8 @@ def submit(recipe: str, *args: str, storage: str | None = None, working_dir: str
         runtime_env["env_vars"] = {k: str(v) for k, v in env.items()}
     return client(address).submit_job(
         entrypoint=shlex.join(argv), runtime_env=runtime_env or None, submission_id=submission_id,
-        metadata={"raytrain_align": recipe, **({"storage": storage} if storage else {})},
+        # what the run is: its recipe and arguments, and the storage whose event stream finds its run (run_of)
+        metadata={"raytrain_align": recipe, "args": shlex.join(args), **({"storage": storage} if storage else {})},
     )
 
 
@@ -169,34 +170,58 @@ def stop(job: str, address: str | None = None, timeout: float = 120) -> str:
     return wait(job, timeout, address, poll=0.5)
 
 
-def progress(lines) -> "pd.DataFrame":  # noqa: F821
-    """The rank-0 progress lines (`step 12/235 (5%)  loss 2.31  lr 1.0e-03  1,234 tok/s  eta 40s`) as a DataFrame."""
+def _storage_of(job_info, default: str | None = None) -> str:
+    """The storage a job's runs went to: what submit recorded in its metadata, else the driver's default."""
+    return store.root((job_info.metadata or {}).get("storage") or default)
+
+
+def launches(storage: str) -> list[dict]:
+    """Every driver launch in the storage (its `launch` event: run, job, launch_id, unix) with `sessions`, the
+    worker-group starts under it (1 + restarts)."""
+    root, out = _root(storage), []
+    for run in store.list_dirs(root):
+        seen = events.read(root, run, {"launch", "workers_formed"})
+        for e in seen:
+            if e["event"] == "launch":
+                out.append({**e, "sessions": sum(w["event"] == "workers_formed" and w["launch_id"] == e["launch_id"]
+                                                 for w in seen)})
+    return out
+
+
+def run_of(job: str, address: str | None = None, storage: str | None = None) -> dict | None:
+    """The launch of `job` ({run, storage, launch_id, sessions, ...}), or None until its driver has checked the recipe."""
+    where = _storage_of(client(address).get_job_info(job), storage)
+    return next((launch for launch in launches(where) if launch.get("job") == job), None)
+
+
+def progress(storage: str, run: str, launch_id: str | None = None) -> "pd.DataFrame":  # noqa: F821
+    """The run's progress events (about one per 5% of each session: step, loss, lr, tokens/s), only those of one
+    launch if given."""
     import pandas as pd
 
-    rows = []
-    for line in (lines.splitlines() if isinstance(lines, str) else lines):
-        if m := PROGRESS.match(clean(line).strip()):
-            step, total, loss, lr, tps = m.groups()
-            rows.append({"step": int(step), "max_steps": int(total), "loss": float(loss), "learning_rate": float(lr),
-                         "tokens_per_s": float(tps.replace(",", "")) if tps else None})
-    return pd.DataFrame(rows, columns=["step", "max_steps", "loss", "learning_rate", "tokens_per_s"])
+    cols = ["step", "max_steps", "loss", "learning_rate", "tokens_per_s", "launch_id", "unix"]
+    rows = [{c: e.get(c) for c in cols} for e in events.read(_root(storage), run, {"progress"})
+            if launch_id in (None, e["launch_id"])]
+    return pd.DataFrame(rows, columns=cols)
 
 
-def history(address: str | None = None) -> "pd.DataFrame":  # noqa: F821
-    """raytrain_align jobs on the cluster: id, status, run and storage (from the driver's log), and
-    `sessions` — how many times training (re)started in that job (worker-group restarts included)."""
+def history(address: str | None = None, storage: str | None = None) -> "pd.DataFrame":  # noqa: F821
+    """raytrain_align jobs on the cluster: id, status, and from the storage's event stream its run, storage and
+    `sessions` — how many times training (re)started in that job (worker-group restarts included). A job submitted
+    without a storage is looked up in `storage` (default: RAYTRAIN_ALIGN_STORAGE, else ~/ray_results)."""
     import pandas as pd
 
-    rows = []
+    rows, by_storage = [], {}
     for j in client(address).list_jobs():
         if not (j.metadata or {}).get("raytrain_align") and "raytrain_align" not in (j.entrypoint or ""):
             continue
-        text = logs(j.submission_id, address) if j.submission_id else ""
-        run = [m.groups() for m in map(RUN_LINE.search, text.splitlines()) if m]
+        where = _storage_of(j, storage)
+        if where not in by_storage:
+            by_storage[where] = {launch["job"]: launch for launch in launches(where) if launch.get("job")}
+        launch = by_storage[where].get(j.submission_id, {})
         rows.append({
             "job": j.submission_id, "status": str(j.status.value), "entrypoint": j.entrypoint,
-            "run": run[-1][0] if run else None, "storage": run[-1][1] if run else None,
-            "sessions": len({c for c in map(clean, text.splitlines()) if SESSION.match(c)}),
+            "run": launch.get("run"), "storage": launch.get("storage"), "sessions": launch.get("sessions", 0),
             "start": pd.to_datetime(j.start_time, unit="ms") if j.start_time else None,
         })
     return pd.DataFrame(rows, columns=["job", "status", "entrypoint", "run", "storage", "sessions", "start"])
@@ -327,18 +352,10 @@ def load_prepared(storage: str, key: str, split: str = "train", rows: int = 10_0
     return data.select(range(min(rows, len(data)))).to_pandas()
 
 
-def _same_storage(a, b: str) -> bool:
-    """`a` is a history row's storage: NaN for a job that never started a run (a `plan` job, an early failure)."""
-    norm = lambda s: s.rstrip("/") if "://" in s else os.path.realpath(os.path.expanduser(s))  # noqa: E731
-    return isinstance(a, str) and norm(a) == norm(b)
-
-
-def compare(storage: str, address: str | None = None) -> "pd.DataFrame":  # noqa: F821
-    """`runs(storage)` plus, from the cluster's job history, `launches` (jobs that ran it) and `restarts`
+def compare(storage: str) -> "pd.DataFrame":  # noqa: F821
+    """`runs(storage)` plus, from each run's event stream, `launches` (drivers that ran it) and `restarts`
     (training sessions beyond the first: resumed launches and worker-group restarts)."""
-    table, hist = runs(storage), history(address)
-    hist = hist[[_same_storage(s, storage) for s in hist.storage]]
-    sessions = hist.groupby("run").sessions.sum()
-    table["launches"] = [int((hist.run == r).sum()) for r in table.run]
-    table["restarts"] = [max(0, int(sessions.get(r, 0)) - 1) for r in table.run]
+    table, seen = runs(storage), launches(storage)
+    table["launches"] = [sum(launch["run"] == r for launch in seen) for r in table.run]
+    table["restarts"] = [max(0, sum(launch["sessions"] for launch in seen if launch["run"] == r) - 1) for r in table.run]
     return table

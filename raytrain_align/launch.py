@@ -240,13 +240,14 @@ def init_ray() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def run(plan: Plan, log=print):
+def run(plan: Plan):
     """Train one recipe end to end and return its RunSummary."""
     from accelerate.utils import patch_environment
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from . import callbacks, export, prepare, storage, tiny
+    from .events import EventLog, job_id
     from .train import train_loop_per_worker
 
     milestones = {"driver_run": time.time()}  # the plan is built: imports and recipe checks are behind
@@ -255,19 +256,24 @@ def run(plan: Plan, log=print):
     check_gpus(plan)
     check_gpu_packages(plan)
     check_storage(plan)
+    launch_id = uuid.uuid4().hex[:12]  # this driver's: tells a relaunch from a restart, names its scratch folders
+    events = EventLog(plan.storage_path, plan.run_name, f"driver-{launch_id}", launch_id=launch_id)
+    identity = {"run": plan.run_name, "storage": plan.storage_path, "recipe": plan.recipe, "job": job_id()}
     done = export.final_checkpoint(plan)
     if done is not None:
-        log(f"done          run '{plan.run_name}' already finished in {plan.storage_path}; exporting its model again "
-            "(pass --set run_name=NEW or delete that folder to train anew)")
+        events.emit("launch", **identity)
+        events.emit("already_finished", run=plan.run_name, storage=plan.storage_path)
         return _finish(plan, done)
     check_checkpoints(plan)
+    events.emit("launch", **identity)  # the input is checked: from here on the run exists in storage
     init_ray()
     milestones["ray_ready"] = time.time()
     if plan.tiny:
         assets = tiny.assets_dir(plan.storage_path)
         tiny.materialize(assets, plan.recipe_model)
-    prepared = prepare.prepare(plan, log=log)
+    prepared = prepare.prepare(plan)
     milestones["data_ready"] = time.time()
+    events.emit("data_prepared", **asdict(prepared))
 
     resources = {"CPU": plan.cpus_per_worker}
     if plan.use_gpu:
@@ -278,8 +284,7 @@ def run(plan: Plan, log=print):
     milestones["trainer_submitted"] = time.time()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": plan, "prepared": prepared, "scratch_id": uuid.uuid4().hex[:12],
-                           "driver_milestones": milestones},
+        train_loop_config={"plan": plan, "prepared": prepared, "launch_id": launch_id, "driver_milestones": milestones},
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo", timeout_s=plan.collective_timeout_s),
         # elastic: Ray Train starts with what the cluster has (>= min), restarts smaller when workers are lost and
         # larger when resources come back, each time from the latest committed checkpoint (train.py reshards it)
@@ -294,8 +299,8 @@ def run(plan: Plan, log=print):
             failure_config=FailureConfig(max_failures=plan.max_failures),
         ),
     )
-    workers = f"{plan.min_workers}..{plan.world_size}" if plan.min_workers else plan.world_size
-    log(f"train         {workers} Ray workers, {plan.backend}, run '{plan.run_name}' in {plan.storage_path}")
+    events.emit("train_submitted", run=plan.run_name, storage=plan.storage_path, backend=plan.backend,
+                workers=f"{plan.min_workers}..{plan.world_size}" if plan.min_workers else str(plan.world_size))
     with patch_environment(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=plan.restart_wait_s):  # read by the controller
         result = trainer.fit()
     return _finish(plan, result.checkpoint)

@@ -61,7 +61,7 @@ def run(plans: list[Plan], log=print) -> list[StageResult]:
             + ("already finished in this storage: skipped" if done else f"from {plan.model['model_name_or_path']}"))
         if not done:
             log(describe(plan))
-        results.append(StageResult(plan, done, launch.run(plan, log=log)))
+        results.append(StageResult(plan, done, launch.run(plan)))
     return results
 
 

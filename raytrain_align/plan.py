@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,6 +148,7 @@ def build_plan(
     explicit: frozenset[str] = frozenset(),  # keys the user --set: --tiny leaves them alone
     cpu: bool = False,  # --cpu: the recipe's own model and data on CPU workers
 ) -> Plan:
+    from . import storage as storage_mod
     from . import tiny as tiny_mod
 
     training = dict(recipe.training)
@@ -156,9 +156,7 @@ def build_plan(
     script = dict(recipe.script)
     ray_cfg = dict(recipe.ray)
     acc = recipe.accelerate
-    storage_path = storage or ray_cfg.get("storage_path") or os.environ.get("RAYTRAIN_ALIGN_STORAGE") or "~/ray_results"
-    if "://" not in storage_path:
-        storage_path = str(Path(storage_path).expanduser().resolve())
+    storage_path = storage_mod.root(storage or ray_cfg.get("storage_path"))
     from .sources import check_local
 
     check_local(script)  # local paths only (Hub ids are checked when loaded); --tiny keeps local entries

@@ -131,7 +131,8 @@ def prepare(plan, log=print) -> Prepared:
 
     Nothing half-written is ever read: in a local or shared folder the shards go to a temp folder renamed
     to the key when complete; in an object store (no rename) to `<key>/attempt-<id>/`, committed by writing
-    `<key>/manifest.json` (one object, written whole) last."""
+    `<key>/manifest.json` (one object, written whole) last. `log` gets the progress lines; the caller reports
+    the result (`Prepared.render`)."""
     sources.check_local(plan.script)
     located = sources.locate(sources.mixture(plan.script)["datasets"])
     spec = cache_spec(plan, sources.fingerprint(located))  # from file listings: a cached run reads no data file
@@ -144,7 +145,7 @@ def prepare(plan, log=print) -> Prepared:
     if root.exists():
         _remove_abandoned(root, log)
     if manifest.exists():
-        return _reuse(manifest.read_text(), log)
+        return _reuse(manifest.read_text())
 
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
@@ -162,7 +163,6 @@ def prepare(plan, log=print) -> Prepared:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log(prepared.render())
     return prepared
 
 
@@ -170,26 +170,24 @@ def _prepare_in_object_store(plan, located, spec, key, log) -> Prepared:
     base = storage.join(plan.storage_path, "prepared", key)
     manifest = storage.join(base, "manifest.json")
     if (text := storage.read_text(manifest)) is not None:
-        return _reuse(text, log)
+        return _reuse(text)
     attempt = storage.join(base, f"attempt-{uuid.uuid4().hex[:8]}")
     done = False
     try:
         prepared = _tokenize(plan, located, spec, key, attempt, attempt, log)
         if (text := storage.read_text(manifest)) is not None:  # a concurrent preparation of the same key finished first
-            return _reuse(text, log)
+            return _reuse(text)
         storage.write_text(manifest, json.dumps(asdict(prepared), indent=2))
         done = True
     finally:  # a failed attempt removes its shards; one killed outright leaves a folder no manifest names
         if not done:
             storage.delete_dir(attempt)
-    log(prepared.render())
     return prepared
 
 
-def _reuse(manifest_text: str, log) -> Prepared:
+def _reuse(manifest_text: str) -> Prepared:
     prepared = Prepared(**json.loads(manifest_text))
     prepared.reused = True
-    log(prepared.render())
     return prepared
 
 

@@ -54,6 +54,16 @@ def is_remote(path: str) -> bool:
     return "://" in path
 
 
+def root(configured: str | None = None) -> str:
+    """Where runs live: the configured storage, else RAYTRAIN_ALIGN_STORAGE, else ~/ray_results (Ray's default);
+    a local one as an absolute path."""
+    import os
+    from pathlib import Path
+
+    path = configured or os.environ.get("RAYTRAIN_ALIGN_STORAGE") or "~/ray_results"
+    return path if is_remote(path) else str(Path(path).expanduser().resolve())
+
+
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 

@@ -11,15 +11,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
 import os
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
+from . import events
 from .errors import RecipeError
 from .trainer_callbacks import (ElasticState, checkpoint_callback, last_logs, progress_callback, timing_callback,
                                upload_checkpoint)
@@ -94,48 +93,6 @@ def _prepared_orpo_trainer():
     return PreparedORPOTrainer
 
 
-# Warnings that say nothing a user can act on, repeated every step by some libraries.
-QUIET_WARNINGS = (
-    ".*torch_dtype.*", ".*use_cache=True.*", ".*Padding-free training.*", ".*gradient checkpointing.*",
-    # DeepSpeed's ZeRO-3 collectives call torch's deprecated names, once per step.
-    r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated.*",
-    # transformers 5.2x renames gradient_checkpointing(_kwargs), which the handbook's recipes use; it maps them itself.
-    r".*`gradient_checkpointing(_kwargs)?` is deprecated.*",
-    # ... and its own FSDP checkpoint saving calls the old gradient_checkpointing_* names at every save.
-    r".*`(is_gradient_checkpointing|gradient_checkpointing_enable|gradient_checkpointing_disable)` is deprecated.*",
-)
-
-
-def _quiet(rank: int) -> None:
-    """One copy of each message: rank 0 logs warnings, other ranks only errors; no per-step noise."""
-    import builtins
-
-    import datasets
-    import transformers
-    from ray.train.v2._internal.execution import context as train_context
-    from ray.train.v2._internal.logging import patch_print
-
-    # Ray Train V2 patches print() into its logger and also tees it to a redirected stdout: every line
-    # printed twice, and dill's stdout capture (datasets fingerprinting) leaks bytecode dumps. Plain print.
-    builtins.print = patch_print._original_print
-    # "Reporting training result N: TrainingReport(...)" at INFO on every rank, every checkpoint.
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()  # "Writing model shards" bars at every save
-    if rank != 0:
-        warnings.filterwarnings("ignore")
-        transformers.logging.set_verbosity_error()
-    else:
-        transformers.logging.set_verbosity_warning()
-        for pattern in QUIET_WARNINGS:
-            warnings.filterwarnings("ignore", message=pattern)
-    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "accelerate", "trl", "ray.train"):
-        logging.getLogger(name).setLevel(logging.ERROR if rank else logging.WARNING)
-    # The Trainer leaves accelerate's accumulation plugin at 1 and lets DeepSpeed accumulate; accelerate warns.
-    logging.getLogger("accelerate.accelerator").setLevel(logging.ERROR)
-
-
 def _quantized_load(model_fields: dict[str, Any]) -> dict[str, Any]:
     """QLoRA (load_in_4bit / load_in_8bit, DDP workers only): TRL's own BitsAndBytesConfig from the handbook's model
     fields, the quantized weights placed on this worker's GPU as the handbook's get_model places them."""
@@ -187,21 +144,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     plan, prepared = config["plan"], config["prepared"]
     ctx = ray.train.get_context()
-    _quiet(ctx.get_world_rank())
-    if ctx.get_world_rank() == 0:
+    events.quiet_worker(ctx.get_world_rank())
+    es = _elastic_state(plan, ctx, launch_id=config["launch_id"])
+    if es.rank == 0:
         import torch.distributed as dist
 
-        print(f"workers       process group formed at {time.strftime('%H:%M:%S')}: world {ctx.get_world_size()}, "
-              f"{dist.get_backend()}, collective timeout {plan.collective_timeout_s}s; data already prepared "
-              f"({prepared.rows_out:,} rows)", flush=True)
+        es.events.emit("workers_formed", world_size=es.world, nodes=es.nodes, process_group=dist.get_backend(),
+                       collective_timeout_s=plan.collective_timeout_s, rows=prepared.rows_out, pids=es.pids)
     # Exactly the variables `accelerate launch --config_file ...` sets: accelerate builds the plugin from them.
     os.environ.update(plan.accelerate_env)
     # Node-local scratch for this fit() only (the driver's id): a folder shared with an earlier run of the same
     # name would leak its files into this run's export (e.g. a LoRA adapter beside a full model).
-    scratch = Path(tempfile.gettempdir()) / "raytrain_align" / plan.run_name / config["scratch_id"]
+    scratch = Path(tempfile.gettempdir()) / "raytrain_align" / plan.run_name / config["launch_id"]
 
-    trainer, tokenizer, timer = _build_trainer(plan, prepared, ctx.get_world_size(), scratch, milestones)
-    es = _elastic_state(plan, ctx, launch_id=config["scratch_id"])
+    trainer, tokenizer, timer = _build_trainer(plan, prepared, es, scratch, milestones)
     trainer.add_callback(checkpoint_callback(es))
     sampler = _exactly_once_data(trainer, es, plan)
     resume_from = _resume(trainer, es, plan, ctx, scratch, sampler)
@@ -221,10 +177,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
            "data_order": {"rows": len(trainer.train_dataset), "global_batch_size": plan.global_batch_size,
                           "seed": trainer.args.data_seed or trainer.args.seed,
                           "steps_per_epoch": len(sampler) // plan.global_batch_size}}
-    _export(trainer, tokenizer, plan, result, run, ctx, scratch)
+    _export(trainer, tokenizer, plan, result, run, es, ctx, scratch)
 
 
-def _build_trainer(plan, prepared, world: int, scratch: Path, milestones: dict):
+def _build_trainer(plan, prepared, es: ElasticState, scratch: Path, milestones: dict):
     """TRL's trainer for the method, as the handbook's script builds it, on the prepared data; the batch keeps the
     plan's global size at this start's world size."""
     import torch
@@ -236,7 +192,7 @@ def _build_trainer(plan, prepared, world: int, scratch: Path, milestones: dict):
     from .prepare import read_prepared
     from .tokenize_blocks import load_tokenizer
 
-    grad_accum = elastic.grad_accum_for(plan.global_batch_size, plan.per_device_train_batch_size, world)
+    grad_accum = elastic.grad_accum_for(plan.global_batch_size, plan.per_device_train_batch_size, es.world)
     trainer_cls, config_cls, skip_prepare = _trainer_and_config(plan.method)
     training = {k: v for k, v in plan.training.items() if k not in NOT_TRL_CONFIG}
     training.update(
@@ -287,7 +243,7 @@ def _build_trainer(plan, prepared, world: int, scratch: Path, milestones: dict):
         peft_config=_peft_config(plan.model),
         # ray.callbacks come before the checkpoint callback added later: their on_save sees a checkpoint written
         # and not yet reported
-        callbacks=[progress_callback(), timer := timing_callback()]
+        callbacks=[progress_callback(es.events), timer := timing_callback()]
         + [cls(**kwargs) for cls, kwargs in callbacks.load(plan.callbacks)],
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict on rank 0
@@ -303,9 +259,9 @@ def _elastic_state(plan, ctx, launch_id: str) -> ElasticState:
     rank = ctx.get_world_rank()
     attempt = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}" if rank == 0 else None
     every: list = [None] * ctx.get_world_size()
-    torch.distributed.all_gather_object(every, (attempt, ctx.get_node_rank()))
-    nodes = max(node for _, node in every) + 1
-    return ElasticState(plan, ctx.get_world_size(), rank, every[0][0], nodes, launch_id)
+    torch.distributed.all_gather_object(every, (attempt, ctx.get_node_rank(), os.getpid()))
+    return ElasticState(plan, ctx.get_world_size(), rank, every[0][0], max(node for _, node, _ in every) + 1,
+                        launch_id, [pid for _, _, pid in every])
 
 
 def _exactly_once_data(trainer, es: ElasticState, plan):
@@ -403,7 +359,7 @@ def _newest_whole(latest, es: ElasticState, plan):
         problem = elastic.checkpoint_problem(ckpt.filesystem, ckpt.path)
         if problem is None:
             if es.damaged:
-                print(f"warning       {'; '.join(es.damaged)}: damaged, skipped; resuming from {_name(ckpt)}", flush=True)
+                es.events.emit("checkpoints_skipped", damaged=es.damaged, resumed_from=_name(ckpt))
             return ckpt
         es.damaged.append(f"{_name(ckpt)}: {problem}")
     raise RecipeError(f"run '{plan.run_name}' has no whole checkpoint left ({'; '.join(es.damaged)}); start a new "
@@ -414,7 +370,7 @@ def _name(checkpoint) -> str:
     return checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _export(trainer, tokenizer, plan, result, run: dict, ctx, scratch: Path) -> None:
+def _export(trainer, tokenizer, plan, result, run: dict, es: ElasticState, ctx, scratch: Path) -> None:
     """The final Hugging Face model and the run summary, reported to Ray Train as the run's last checkpoint.
     ZeRO-3 (zero3_save_16bit_model) gathers the full weights to rank 0; FSDP2 gathers a full state dict
     parameter by parameter into rank 0's CPU memory only (accelerate's get_state_dict: full_state_dict,
@@ -455,5 +411,7 @@ def _export(trainer, tokenizer, plan, result, run: dict, ctx, scratch: Path) -> 
                      checkpoint_dir_name=FINAL_DIR,
                      checkpoint_upload_fn=functools.partial(upload_checkpoint, ctx.get_storage()))
     torch.distributed.barrier()  # the export is in storage now (report persists it before returning)
+    if ctx.get_world_rank() == 0:
+        es.events.emit("exported", step=trainer.state.global_step, checkpoint=FINAL_DIR)
     if ctx.get_local_rank() == 0:
         shutil.rmtree(scratch, ignore_errors=True)  # a 3B model's checkpoints and export, off the node's disk

@@ -12,31 +12,28 @@ from pathlib import Path
 from typing import Any
 
 
-def progress_callback():
-    """Rank 0 prints one short line about every 5% of the run instead of a dict per step."""
+def progress_callback(events):
+    """Rank 0 emits a progress event (one log line) about every 5% of the run instead of a dict per step;
+    `events` is rank 0's EventLog, None on the other ranks."""
     from transformers import TrainerCallback
 
     class ProgressLog(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             self.t0, self.every = time.time(), max(1, state.max_steps // 20)
-            if state.is_world_process_zero:
-                print(f"training      {state.max_steps} steps", flush=True)
+            if events:
+                events.emit("training", max_steps=state.max_steps)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             step = state.global_step
-            if not state.is_world_process_zero or "loss" not in (logs or {}):
+            if not events or "loss" not in (logs or {}):
                 return
             if step % self.every and step != state.max_steps:
                 return
             elapsed = time.time() - self.t0
-            eta = elapsed / max(step, 1) * (state.max_steps - step)
-            tok = logs.get("num_tokens")
-            tps = f"  {tok / elapsed:,.0f} tok/s" if tok else ""
-            print(
-                f"step {step:>6}/{state.max_steps} ({step / state.max_steps:4.0%})  loss {logs['loss']:.4f}  "
-                f"lr {logs.get('learning_rate', 0):.2e}{tps}  eta {eta:,.0f}s",
-                flush=True,
-            )
+            tokens = logs.get("num_tokens")
+            events.emit("progress", step=step, max_steps=state.max_steps, loss=logs["loss"],
+                        learning_rate=logs.get("learning_rate", 0.0), tokens_per_s=tokens / elapsed if tokens else None,
+                        eta_s=elapsed / max(step, 1) * (state.max_steps - step))
 
     return ProgressLog()
 
@@ -45,18 +42,22 @@ class ElasticState:
     """This attempt's share of the elastic machinery (elastic.py): the global batch, the sample log, the run log
     folder, and whether a drain notice asked for an emergency checkpoint."""
 
-    def __init__(self, plan, world: int, rank: int, attempt: str, nodes: int, launch_id: str):
+    def __init__(self, plan, world: int, rank: int, attempt: str, nodes: int, launch_id: str, pids: list[int]):
         from . import elastic
+        from .events import EventLog
 
         self.world, self.rank, self.attempt, self.gbs = world, rank, attempt, plan.global_batch_size
         self.nodes = nodes  # of this worker group: how many file lists a whole checkpoint holds
         self.launch_id = launch_id  # one per driver (fit() call): tells a relaunch from a restart
+        self.pids = pids  # the worker processes, by world rank
         self.damaged: list[str] = []  # newer checkpoints this start skipped, each with what was wrong (rank 0)
         self.taken_names: set[str] = set()  # their names, which this start's saves must not reuse (every rank)
         self.position: dict | None = None  # the resumed checkpoint's position file
         self.resharded: str | None = None  # how it was resharded (told by each node's local rank 0)
         self.universal_load = False  # every rank: loaded through DeepSpeed's universal format, repaired after
         self.logs = elastic.log_dir(plan.storage_path, plan.run_name)
+        self.events = EventLog(plan.storage_path, plan.run_name, f"rank0-{attempt}", launch_id=launch_id,
+                               attempt=attempt) if rank == 0 else None  # rank 0's, None on the other ranks
         self.samples = elastic.SampleLog(self.logs, attempt, rank)
         self.heartbeat_every = 0.0 if "://" not in plan.storage_path else 30.0  # rank 0's last-step file
         self.last_beat = 0.0
@@ -106,13 +107,7 @@ def checkpoint_callback(es: ElasticState):
                 rec = elastic.log_start(es.logs, es.attempt, world=es.world, gbs=es.gbs, grad_accum=args.gradient_accumulation_steps,
                                         position=es.position, launch_id=es.launch_id, optimizer_match=match,
                                         resharded=es.resharded, damaged=es.damaged)
-                if rec["cause"] != "start":
-                    lost = f", {rec['steps_lost']} step(s) lost" if "steps_lost" in rec else ""
-                    state_ok = f"; optimizer state {'kept' if match is not None and match < 1e-6 else 'DIFFERS'}" \
-                        if match is not None else ""
-                    print(f"resume        {rec['cause']}: from step {rec['resumed_step']} at world {es.world} "
-                          f"(grad-acc {args.gradient_accumulation_steps}, GBS {es.gbs}){lost}"
-                          f"{'; ' + es.resharded if es.resharded else ''}{state_ok}", flush=True)
+                es.events.emit("start", **{k: v for k, v in rec.items() if k not in ("event", "unix")})
 
         def on_step_end(self, args, state, control, **kwargs):
             es.samples.step_done(state.global_step, state.epoch)
@@ -156,6 +151,8 @@ def checkpoint_callback(es: ElasticState):
                              checkpoint_upload_mode=mode,
                              checkpoint_upload_fn=functools.partial(upload_checkpoint, ctx.get_storage()))
             if background:
+                if es.rank == 0:
+                    es.events.emit("checkpoint_uploading", step=step, name=name)
                 return
             # report() returns once this rank's part is uploaded; the checkpoint becomes the one a restart resumes
             # from only when the controller has collected every rank's report. A rank lost before that (a worker
@@ -164,6 +161,9 @@ def checkpoint_callback(es: ElasticState):
             t0 = time.time()
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
             es.commit_seconds.append(time.time() - t0)
+            if es.rank == 0:
+                es.events.emit("checkpoint_committed", step=step, name=name, commit_seconds=es.commit_seconds[-1],
+                               reason="preemption" if es.preempted else "save")
             if es.preempted is not None:
                 self._wait_for_restart(step)
 
@@ -172,10 +172,8 @@ def checkpoint_callback(es: ElasticState):
             so stop stepping; Ray Train restarts the group from this checkpoint without the drained node."""
             info = es.preempted
             if es.rank == 0:
-                when = time.strftime("%H:%M:%S", time.localtime(info.deadline_ms / 1000)) if info.deadline_ms else "?"
-                print(f"preemption    node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} (ranks "
-                      f"{info.preempted_ranks}) drain by {when}; checkpoint at step {step} committed; waiting for "
-                      "Ray Train to restart without them", flush=True)
+                es.events.emit("preemption", nodes=list(info.preempted_node_ids), ranks=list(info.preempted_ranks),
+                               deadline_unix=info.deadline_ms / 1000 if info.deadline_ms else None, step=step)
             while True:
                 time.sleep(1)
 

@@ -1,11 +1,11 @@
 """One real local Ray cluster (a head started with `ray start`) shared by every test that needs Ray."""
 
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -71,23 +71,58 @@ def run_cli(args, env_extra=None, timeout=900):
     return proc
 
 
+def launched_run(storage: str, since: float) -> dict | None:
+    """The launch (driver's `launch` event: run, launch_id, ...) that a command started after `since` left in
+    `storage`, or None before its driver got that far."""
+    from raytrain_align import jobs
+
+    return next((launch for launch in jobs.launches(storage) if launch["unix"] >= since), None)
+
+
+def launch_events(launch: dict, kinds: set[str]) -> list[dict]:
+    """That launch's events of `kinds`, oldest first."""
+    from raytrain_align import events
+
+    return [e for e in events.read(launch["storage"], launch["run"], kinds) if e["launch_id"] == launch["launch_id"]]
+
+
 def run_killing_rank1(args, ray_address, kill_from_step: int, env_extra=None):
-    """Run `python -m raytrain_align ARGS` and SIGKILL the world-rank-1 worker process at the first progress line
-    at or past `kill_from_step`. Returns (returncode, log, step killed at or None, time of the kill)."""
+    """Run `python -m raytrain_align ARGS` (with --storage) and SIGKILL the world-rank-1 worker process once the
+    run's progress events reach `kill_from_step`. Returns (returncode, log, step killed at or None, time of the
+    kill, the launch's workers_formed and progress events)."""
+    storage, t0 = args[args.index("--storage") + 1], time.time()
     proc = subprocess.Popen([sys.executable, "-m", "raytrain_align", *args], cwd=REPO,
                             env={**os.environ, "RAY_ADDRESS": ray_address, "PYTHONUNBUFFERED": "1", **(env_extra or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, victim, killed_at, t_kill = [], None, None, None
-    for line in proc.stdout:
-        lines.append(line)
-        if m := re.search(r"pid=(\d+)\) world_rank=1", line):
-            victim = int(m.group(1))
-        step = re.search(r"step +(\d+)/", line)
-        if killed_at is None and victim and step and int(step.group(1)) >= kill_from_step:
-            killed_at, t_kill = int(step.group(1)), time.time()
-            os.kill(victim, signal.SIGKILL)
-    proc.wait(timeout=60)
-    return proc.returncode, "".join(lines), killed_at, t_kill
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    launch, killed_at, t_kill = None, None, None
+    while proc.poll() is None and killed_at is None:
+        time.sleep(0.2)
+        launch = launch or launched_run(storage, t0)
+        if launch is None:
+            continue
+        seen = launch_events(launch, {"workers_formed", "progress"})
+        past = [e for e in seen if e["event"] == "progress" and e["step"] >= kill_from_step]
+        if past:
+            killed_at, t_kill = past[0]["step"], time.time()
+            os.kill([e for e in seen if e["event"] == "workers_formed"][-1]["pids"][1], signal.SIGKILL)
+    proc.wait(timeout=900)
+    reader.join(timeout=60)
+    seen = launch_events(launch, {"workers_formed", "progress"}) if launch else []
+    return proc.returncode, "".join(lines), killed_at, t_kill, seen
+
+
+def progress_after_restarts(seen: list[dict]) -> list[list[int]]:
+    """The steps of the progress events of each worker-group start, in order."""
+    starts: list[list[int]] = []
+    for e in seen:
+        if e["event"] == "workers_formed":
+            starts.append([])
+        elif starts:
+            starts[-1].append(e["step"])
+    return starts
 
 
 # Tiny ZeRO-3 runs of 20 logged steps, each run once per session and shared by the modules that compare against

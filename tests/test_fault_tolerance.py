@@ -5,12 +5,11 @@ continues, and the exported model loads. The same run's storage is an object sto
 fail (a reset connection): each failed file is sent again, and none of them costs a restart."""
 
 import json
-import re
 import time
 
 import pytest
 
-from .conftest import run_killing_rank1
+from .conftest import progress_after_restarts, run_killing_rank1
 
 pytestmark = pytest.mark.slow
 
@@ -50,16 +49,16 @@ def test_killed_worker_restarts_from_last_checkpoint(tmp_path):
             # checkpoints uploaded in the background: the one the restart finds was uploaded while training went on
             "--set", "ray.checkpoint_upload=async"]
     # past step 20's checkpoint (committed) and before step 40's
-    returncode, log, killed_at, t_kill = run_killing_rank1(args, "local", 2 * SAVE_EVERY - 4, env)
+    returncode, log, killed_at, t_kill, seen = run_killing_rank1(args, "local", 2 * SAVE_EVERY - 4, env)
     assert returncode == 0, log[-5000:]
     assert killed_at is not None, log[-3000:]
     # the failed uploads were sent again in place (the one restart below is the kill's)
     assert list((tmp_path / "failures").iterdir()) == [] and "injected: connection reset" in log
     assert "storage       uploading " in log
 
-    starts = re.split(r"process group formed at \d\d:\d\d:\d\d", log)  # rank 0's line (not a traceback's source)
-    assert len(starts) == 3, [line for line in log.splitlines() if "process group formed" in line]  # restarted once
-    resumed = [int(s) for s in re.findall(r"step +(\d+)/", starts[2])]
+    starts = progress_after_restarts(seen)
+    assert len(starts) == 2, starts  # restarted once
+    resumed = starts[1]
     assert resumed and SAVE_EVERY < resumed[0] <= killed_at  # continued from the step-20 checkpoint, not from 0
     print(f"killed at step {killed_at}; resumed from step {SAVE_EVERY}; recovered and finished "
           f"{time.time() - t_kill:.0f}s after the kill")

@@ -285,8 +285,11 @@ def test_notebook_1_resumes_the_stopped_run_with_live_loss(notebook_1, storage):
     hist = jobs.history()
     hist = hist[hist.run == STOPPED_RUN].sort_values("start")
     assert list(hist.status) == ["STOPPED", "SUCCEEDED"] and list(hist.sessions) == [1, 1]
-    resumed = jobs.progress(jobs.logs(hist.job.iloc[-1]))
+    launch = jobs.run_of(hist.job.iloc[-1])
+    assert launch["run"] == STOPPED_RUN and launch["storage"] == str(storage)
+    resumed = jobs.progress(str(storage), STOPPED_RUN, launch["launch_id"])  # the resumed job's progress events
     assert resumed.step.min() > 15 and resumed.step.max() == 90
+    assert jobs.progress(str(storage), STOPPED_RUN).step.min() < 15  # the run's: both jobs
     m = jobs.metrics(str(storage), STOPPED_RUN)
     assert m.index.max() == 90
     # its tokens/s counts only the tokens of the resumed session (steps 16-90), not those before the stop

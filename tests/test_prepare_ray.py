@@ -4,14 +4,14 @@ pipeline (packing included), the no-timeout property, both nodes used, and the c
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from raytrain_align import mixture_order, prepare, sources, tiny, tokenize_blocks
+from raytrain_align import events, jobs, mixture_order, prepare, sources, tiny, tokenize_blocks
 
 from . import prep_data
 from .conftest import REPO, run_cli
@@ -127,14 +127,14 @@ def slow_run(two_nodes, slow_recipe):
 def test_no_collective_waits_on_data(slow_run):
     """Preparation took longer than the collective timeout, the run still succeeded, and the process group
     was formed only after preparation had finished."""
-    proc, _, manifest = slow_run
+    proc, storage, manifest = slow_run
     assert manifest["seconds"] > 15, f"preparation took {manifest['seconds']}s: make the dataset larger for this machine"
-    out = proc.stdout
-    prepared_at = re.search(r"finished at (\d\d:\d\d:\d\d)", out)
-    formed = re.search(r"process group formed at (\d\d:\d\d:\d\d): world 2, gloo, collective timeout 15s", out)
-    assert prepared_at and formed, out[-3000:]
-    assert prepared_at.start() < formed.start() and prepared_at.group(1) <= formed.group(1)
-    assert "steps" in out and "Traceback" not in proc.stderr
+    (run,) = [launch["run"] for launch in jobs.launches(str(storage))]
+    seen = events.read(str(storage), run, {"data_prepared", "workers_formed"})
+    assert [e["event"] for e in seen] == ["data_prepared", "workers_formed"], seen  # prepared, then the group formed
+    formed = seen[1]
+    assert formed["world_size"] == 2 and formed["process_group"] == "gloo" and formed["collective_timeout_s"] == 15
+    assert "steps" in proc.stdout and "Traceback" not in proc.stderr
 
 
 def test_preparation_used_both_nodes(slow_run):
@@ -156,23 +156,24 @@ def test_cache_reused_and_killed_preparation_leaves_nothing(two_nodes, slow_reci
 
     # A preparation with another chat template (so another key), killed mid-way.
     template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "raytrain_align", "prepare", str(recipe), "--tiny", "--storage", str(storage),
-         "--set", f"chat_template={template}"],
-        cwd=REPO, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
-    )
-    seen = []
+    prepared = storage / "prepared"
+    log = root / "killed-prepare.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "raytrain_align", "prepare", str(recipe), "--tiny", "--storage", str(storage),
+             "--set", f"chat_template={template}"],
+            cwd=REPO, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
-        for line in proc.stdout:
-            seen.append(line)
-            if re.search(r"data +\d+% ", line):  # tokenizing is under way
-                break
+        deadline = time.time() + 600
+        # tokenizing is under way: the temp folder holds a shard beside its owner file
+        while not any(f.name != "owner.json" for tmp in prepared.glob(".*.tmp-*") for f in tmp.rglob("*") if f.is_file()):
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
-    assert any("%" in line for line in seen), "".join(seen)[-2000:]
-    prepared = storage / "prepared"
     finished = sorted(p.name for p in prepared.iterdir() if not p.name.startswith("."))
     leftovers = [p.name for p in prepared.iterdir() if p.name.startswith(".")]
     assert finished == [manifest["key"]]  # no entry for the killed preparation

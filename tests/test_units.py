@@ -1,5 +1,5 @@
 """Fast tests of the pure logic under the slow end-to-end ones: elastic world sizes and gradient accumulation,
-the world-size-independent sampler, worker ranges, handbook-style CLI overrides and restart causes."""
+the world-size-independent sampler, worker ranges, handbook-style CLI overrides, restart causes, and the event stream jobs.py reads."""
 
 import json
 
@@ -84,16 +84,6 @@ def test_set_values_parse_as_a_command_line_means_them():
                       "name=run1", "x=1.0e-6"]) == {
         "learning_rate": 1e-5, "lr2": -2500.0, "save_strategy": "no", "packing": True, "steps": 10, "name": "run1",
         "x": 1e-6}
-
-
-def test_job_history_rows_without_a_run_match_no_storage():
-    import pandas as pd
-
-    from raytrain_align.jobs import _same_storage
-
-    storages = pd.DataFrame({"storage": ["/tmp/s", None]}).storage  # pandas turns the missing one into NaN
-    assert [_same_storage(s, "/tmp/s/") for s in storages] == [True, False]
-    assert _same_storage("s3://b/runs/", "s3://b/runs") and not _same_storage(None, "/tmp/s")
 
 
 def test_recipe_files_named_alike_get_the_handbook_run_names():
@@ -244,3 +234,62 @@ def test_storage_space_counts_the_checkpoints_the_recipe_keeps(training, kept):
     from raytrain_align.launch import checkpoints_kept
 
     assert checkpoints_kept(training) == kept
+
+
+# ------------------------------------------------------------------------------------------- event stream
+def _emit_a_run(storage, run: str, job: str, restarts: int) -> None:
+    """What a driver and its rank 0 record for one launch with `restarts` worker-group restarts."""
+    from raytrain_align.events import EventLog
+
+    driver = EventLog(str(storage), run, f"driver-{job}", launch_id=f"L-{job}")
+    driver.emit("launch", run=run, storage=str(storage), recipe="sft_mid", job=job)
+    for attempt in range(restarts + 1):
+        rank0 = EventLog(str(storage), run, f"rank0-{job}-{attempt}", launch_id=f"L-{job}", attempt=str(attempt))
+        rank0.emit("workers_formed", world_size=2, nodes=1, process_group="gloo", collective_timeout_s=60, rows=10,
+                   pids=[11, 12])
+        for step in (5, 10):
+            rank0.emit("progress", step=step, max_steps=10, loss=1.0 / step, learning_rate=1e-3, tokens_per_s=None,
+                       eta_s=0.0)
+
+
+def test_events_round_trip_each_writer_in_files_of_its_own(tmp_path, monkeypatch, capsys):
+    from raytrain_align import events
+
+    monkeypatch.setattr(events, "LINES_PER_FILE", 3)
+    log = events.EventLog(str(tmp_path), "r", "rank0-a", launch_id="L", attempt="a")
+    for step in range(1, 8):
+        log.emit("progress", step=step, max_steps=7, loss=2.0, learning_rate=1e-3, tokens_per_s=1234.5, eta_s=1.0)
+    files = sorted((tmp_path / "r" / "raytrain_align" / "events").iterdir())
+    assert [len(f.read_text().splitlines()) for f in files] == [3, 3, 1]  # a writer holds one file's lines at most
+    got = events.read(str(tmp_path), "r", {"progress"})
+    assert [e["step"] for e in got] == list(range(1, 8)) and {e["launch_id"] for e in got} == {"L"}
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == "step      7/7 (100%)  loss 2.0000  lr 1.00e-03  1,234 tok/s  eta 1s"  # rendered from the event
+    assert events.read(str(tmp_path), "no-such-run") == []
+
+
+def test_every_event_kind_renders_or_stays_silent_on_purpose():
+    from raytrain_align import events
+
+    start = {"event": "start", "unix": 0.0, "cause": "shrink 4 -> 2 (workers lost)", "resumed_step": 10,
+             "world_size": 2, "gradient_accumulation_steps": 4, "global_batch_size": 8, "steps_lost": 3,
+             "optimizer_state_max_rel_diff": 0.0}
+    assert events.render(start) == ("resume        shrink 4 -> 2 (workers lost): from step 10 at world 2 (grad-acc 4, "
+                                    "GBS 8), 3 step(s) lost; optimizer state kept")
+    assert events.render({**start, "cause": "start"}) is None
+    assert events.render({"event": "launch", "unix": 0.0}) is None
+    with pytest.raises(KeyError):  # a kind nobody declared is a bug, not a silent line
+        events.render({"event": "no-such-kind", "unix": 0.0})
+
+
+def test_jobs_finds_runs_launches_and_restarts_from_the_stream(tmp_path):
+    from raytrain_align import jobs
+
+    _emit_a_run(tmp_path, "first", "job-1", restarts=0)
+    _emit_a_run(tmp_path, "second", "job-2", restarts=2)
+    _emit_a_run(tmp_path, "second", "job-3", restarts=0)  # relaunched
+    seen = {launch["job"]: launch for launch in jobs.launches(str(tmp_path))}
+    assert {j: (launch["run"], launch["sessions"]) for j, launch in seen.items()} == {
+        "job-1": ("first", 1), "job-2": ("second", 3), "job-3": ("second", 1)}
+    one = jobs.progress(str(tmp_path), "second", "L-job-3")
+    assert list(one.step) == [5, 10] and list(jobs.progress(str(tmp_path), "second").step) == [5, 10] * 4
