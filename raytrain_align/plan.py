@@ -148,101 +148,39 @@ def build_plan(
     explicit: frozenset[str] = frozenset(),  # keys the user --set: --tiny leaves them alone
     cpu: bool = False,  # --cpu: the recipe's own model and data on CPU workers
 ) -> Plan:
+    """The recipe resolved for this launch: --tiny applied, workers placed, batch numbers derived (once), the
+    accelerate environment, names and the ray: choices checked."""
     from . import storage as storage_mod
     from . import tiny as tiny_mod
-
-    training = dict(recipe.training)
-    model = dict(recipe.model)
-    script = dict(recipe.script)
-    ray_cfg = dict(recipe.ray)
-    acc = recipe.accelerate
-    storage_path = storage_mod.root(storage or ray_cfg.get("storage_path"))
     from .sources import check_local
 
+    training, model, script, ray_cfg = dict(recipe.training), dict(recipe.model), dict(recipe.script), dict(recipe.ray)
+    storage_path = storage_mod.root(storage or ray_cfg.get("storage_path"))
     check_local(script)  # local paths only (Hub ids are checked when loaded); --tiny keeps local entries
     overrides: dict[str, Any] = {}
     if tiny:
         script, overrides = apply_tiny(recipe, explicit, storage_path, model, training, ray_cfg)
-
-    num_machines = acc.get("num_machines", 1) or 1
-    per_node_default = max(1, (acc.get("num_processes", 1) or 1) // num_machines)
-    if tiny or cpu:  # CPU workers (a laptop): one node of TINY_WORKERS unless told otherwise
-        per_node = _positive("--gpus-per-node", _given(gpus_per_node, tiny_mod.TINY_WORKERS))
-        node_range = worker_range("--nodes", _given(nodes, 1))
-        use_gpu = False
-        cpus = 1
-    else:
-        per_node = _positive("--gpus-per-node" if gpus_per_node is not None else "ray.gpus_per_node",
-                             _given(gpus_per_node, ray_cfg.get("gpus_per_node") or per_node_default))
-        node_range = worker_range("--nodes" if nodes is not None else "ray.nodes",
-                                  _given(nodes, ray_cfg.get("nodes") or num_machines))
-        use_gpu = ray_cfg.get("use_gpu", True) is not False
-        cpus = _positive("ray.cpus_per_worker", ray_cfg.get("cpus_per_worker") or 1)
-    cpu_overrides = {} if use_gpu or tiny else cpu_only_overrides(model, training, explicit)
+    w = _workers(recipe.accelerate, ray_cfg, tiny or cpu, nodes, gpus_per_node, num_workers)
+    cpu_overrides = {} if w["use_gpu"] or tiny else cpu_only_overrides(model, training, explicit)
     for key, value in cpu_overrides.items():
         (model if key in tiny_mod.MODEL_KEYS else training)[key] = value
-    nodes_ = node_range[1]
-    lo_world, world = node_range[0] * per_node, nodes_ * per_node
-    given = worker_range("--num-workers" if num_workers else "ray.num_workers", num_workers or ray_cfg.get("num_workers"))
-    if given:  # workers, not nodes: the range Ray Train may use, packed onto nodes of per_node workers
-        (lo_world, world), nodes_ = given, -(-given[1] // per_node)
-        per_node = min(per_node, world)
+    lo_world, world = w["min_world"], w["world"]
+    pdbs, ga, gbs = _batch(training, ray_cfg, lo_world, world)
 
-    pdbs = _positive("per_device_train_batch_size", training.get("per_device_train_batch_size", 8))
-    ga = _positive("gradient_accumulation_steps", training.get("gradient_accumulation_steps", 1))
-    gbs_target = ray_cfg.get("global_batch_size")
-    if gbs_target:
-        if gbs_target % (pdbs * world):
-            raise RecipeError(
-                f"ray.global_batch_size {gbs_target} is not a multiple of per_device_train_batch_size x world size "
-                f"= {pdbs} x {world}; pick a global batch divisible by {pdbs * world} or change --nodes/--gpus-per-node"
-            )
-        ga = gbs_target // (pdbs * world)
-        training["gradient_accumulation_steps"] = ga
-    gbs = pdbs * ga * world
-    from .elastic import valid_world_sizes
-
-    if lo_world < world and len(valid_world_sizes(gbs, pdbs, lo_world, world)) != world - lo_world + 1:
-        ok = valid_world_sizes(gbs, pdbs, lo_world, world)
-        raise RecipeError(
-            f"global batch {gbs} (per-device {pdbs}) cannot be kept at every world size in {lo_world}..{world} "
-            f"(kept at {ok}); set ray.global_batch_size to a multiple of {_lcm_range(pdbs, lo_world, world)} or "
-            "narrow the elastic range")
-
-    backend = ACCELERATE_BACKENDS[acc["distributed_type"]]
-    mixed = None if use_gpu else "no"
-    env = launch_env(recipe.accelerate_path, nodes_, world, mixed, recipe.accelerate_argv)
-    ds_cfg = deepspeed_config_for(env, training, world, gbs) if backend == "deepspeed" else None
-    fsdp_cfg = fsdp_config_for(env) if backend == "fsdp" else None
-
-    run_name = training.get("run_name") or default_run_name(recipe)
-    if tiny:
-        run_name = f"{run_name}-tiny"
-    out = output_dir or training.get("output_dir") or f"data/{run_name}"
-    if tiny and not output_dir:
-        out = f"{out}-tiny"
-    if "://" not in out:
-        out = str(Path(out).expanduser().resolve())
-    training["output_dir"] = out
-
-    checkpoint_upload = ray_cfg.get("checkpoint_upload") or "sync"
-    if checkpoint_upload not in ("sync", "async"):
-        raise RecipeError(f"ray.checkpoint_upload is '{checkpoint_upload}'; use 'sync' (training waits until a "
-                          "checkpoint is committed) or 'async' (it uploads in the background)")
-    long_samples = ray_cfg.get("long_samples") or "truncate"
-    if long_samples not in ("truncate", "drop"):
-        raise RecipeError(f"ray.long_samples is '{long_samples}'; use 'truncate' (TRL's behaviour) or 'drop'")
-
+    backend = ACCELERATE_BACKENDS[recipe.accelerate["distributed_type"]]
+    env = launch_env(recipe.accelerate_path, w["nodes"], world, None if w["use_gpu"] else "no", recipe.accelerate_argv)
+    run_name, out = _names(recipe, training, tiny, output_dir)
+    checkpoint_upload, long_samples = _ray_choices(ray_cfg)
     return Plan(
         recipe=recipe.name,
         recipe_path=str(recipe.path),
         method=recipe.method,
         tiny=tiny,
         backend=backend,
-        nodes=nodes_,
-        gpus_per_node=per_node,
-        use_gpu=use_gpu,
-        cpus_per_worker=cpus,
+        nodes=w["nodes"],
+        gpus_per_node=w["per_node"],
+        use_gpu=w["use_gpu"],
+        cpus_per_worker=w["cpus"],
         world_size=world,
         per_device_train_batch_size=pdbs,
         gradient_accumulation_steps=ga,
@@ -258,18 +196,99 @@ def build_plan(
         training=training,
         accelerate_config=str(recipe.accelerate_path),
         accelerate_env=env,
-        deepspeed_config=ds_cfg,
+        deepspeed_config=deepspeed_config_for(env, training, world, gbs) if backend == "deepspeed" else None,
         data={"strict": bool(ray_cfg.get("strict_data")), "long_samples": long_samples},
         tiny_overrides=overrides,
         cpu_overrides=cpu_overrides,
         recipe_model=recipe.model["model_name_or_path"],
-        fsdp_config=fsdp_cfg,
+        fsdp_config=fsdp_config_for(env) if backend == "fsdp" else None,
         min_workers=lo_world if lo_world < world else 0,
         resize_interval_s=float(ray_cfg.get("resize_interval_s") or 60.0),
         restart_wait_s=float(ray_cfg.get("restart_wait_s") or (15.0 if lo_world < world else 60.0)),
         checkpoint_upload=checkpoint_upload,
         callbacks=callbacks.normalize(ray_cfg.get("callbacks")),
     )
+
+
+def _workers(acc: dict, ray_cfg: dict, on_cpu: bool, nodes, gpus_per_node, num_workers) -> dict[str, Any]:
+    """Where the workers go: per node, how many nodes, the world size range (min_world..world), GPU or CPU.
+    CPU workers (--tiny, --cpu: a laptop) are one node of TINY_WORKERS unless told otherwise."""
+    from .tiny import TINY_WORKERS
+
+    num_machines = acc.get("num_machines", 1) or 1
+    if on_cpu:
+        per_node = _positive("--gpus-per-node", _given(gpus_per_node, TINY_WORKERS))
+        node_range = worker_range("--nodes", _given(nodes, 1))
+        use_gpu, cpus = False, 1
+    else:
+        per_node_default = max(1, (acc.get("num_processes", 1) or 1) // num_machines)
+        per_node = _positive("--gpus-per-node" if gpus_per_node is not None else "ray.gpus_per_node",
+                             _given(gpus_per_node, ray_cfg.get("gpus_per_node") or per_node_default))
+        node_range = worker_range("--nodes" if nodes is not None else "ray.nodes",
+                                  _given(nodes, ray_cfg.get("nodes") or num_machines))
+        use_gpu = ray_cfg.get("use_gpu", True) is not False
+        cpus = _positive("ray.cpus_per_worker", ray_cfg.get("cpus_per_worker") or 1)
+    n_nodes, lo_world, world = node_range[1], node_range[0] * per_node, node_range[1] * per_node
+    given = worker_range("--num-workers" if num_workers else "ray.num_workers", num_workers or ray_cfg.get("num_workers"))
+    if given:  # workers, not nodes: the range Ray Train may use, packed onto nodes of per_node workers
+        (lo_world, world), n_nodes = given, -(-given[1] // per_node)
+        per_node = min(per_node, world)
+    return {"per_node": per_node, "nodes": n_nodes, "min_world": lo_world, "world": world, "use_gpu": use_gpu,
+            "cpus": cpus}
+
+
+def _batch(training: dict, ray_cfg: dict, lo_world: int, world: int) -> tuple[int, int, int]:
+    """(per-device batch, gradient accumulation, global batch): the derived numbers, computed here only.
+    ray.global_batch_size fixes the global batch and sets the accumulation in `training`; an elastic range must
+    keep it exact at every world size in it."""
+    from .elastic import valid_world_sizes
+
+    pdbs = _positive("per_device_train_batch_size", training.get("per_device_train_batch_size", 8))
+    ga = _positive("gradient_accumulation_steps", training.get("gradient_accumulation_steps", 1))
+    gbs_target = ray_cfg.get("global_batch_size")
+    if gbs_target:
+        if gbs_target % (pdbs * world):
+            raise RecipeError(
+                f"ray.global_batch_size {gbs_target} is not a multiple of per_device_train_batch_size x world size "
+                f"= {pdbs} x {world}; pick a global batch divisible by {pdbs * world} or change --nodes/--gpus-per-node"
+            )
+        ga = gbs_target // (pdbs * world)
+        training["gradient_accumulation_steps"] = ga
+    gbs = pdbs * ga * world
+    ok = valid_world_sizes(gbs, pdbs, lo_world, world)
+    if lo_world < world and len(ok) != world - lo_world + 1:
+        raise RecipeError(
+            f"global batch {gbs} (per-device {pdbs}) cannot be kept at every world size in {lo_world}..{world} "
+            f"(kept at {ok}); set ray.global_batch_size to a multiple of {_lcm_range(pdbs, lo_world, world)} or "
+            "narrow the elastic range")
+    return pdbs, ga, gbs
+
+
+def _names(recipe: Recipe, training: dict, tiny: bool, output_dir: str | None) -> tuple[str, str]:
+    """(run name, output dir); --tiny suffixes both so a tiny run never lands on the real one. Sets
+    training["output_dir"]."""
+    run_name = training.get("run_name") or default_run_name(recipe)
+    if tiny:
+        run_name = f"{run_name}-tiny"
+    out = output_dir or training.get("output_dir") or f"data/{run_name}"
+    if tiny and not output_dir:
+        out = f"{out}-tiny"
+    if "://" not in out:
+        out = str(Path(out).expanduser().resolve())
+    training["output_dir"] = out
+    return run_name, out
+
+
+def _ray_choices(ray_cfg: dict) -> tuple[str, str]:
+    """ray.checkpoint_upload and ray.long_samples, each one of its words."""
+    checkpoint_upload = ray_cfg.get("checkpoint_upload") or "sync"
+    if checkpoint_upload not in ("sync", "async"):
+        raise RecipeError(f"ray.checkpoint_upload is '{checkpoint_upload}'; use 'sync' (training waits until a "
+                          "checkpoint is committed) or 'async' (it uploads in the background)")
+    long_samples = ray_cfg.get("long_samples") or "truncate"
+    if long_samples not in ("truncate", "drop"):
+        raise RecipeError(f"ray.long_samples is '{long_samples}'; use 'truncate' (TRL's behaviour) or 'drop'")
+    return checkpoint_upload, long_samples
 
 
 def describe(plan: Plan) -> str:
