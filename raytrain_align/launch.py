@@ -84,6 +84,39 @@ def check_storage(plan: Plan, output: bool = True) -> None:
         check_storage_space(plan)
 
 
+PYARROW_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "file", "abfs", "abfss")  # storage.filesystem opens these itself
+
+
+def check_storage_on_nodes(plan: Plan) -> None:
+    """A storage scheme that only an fsspec plugin provides must open on every node, where Ray Data's and Ray
+    Train's workers write: one small task per node tries, before anything runs there (a node that joins later
+    is not checked)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from . import storage
+
+    scheme = plan.storage_path.split("://", 1)[0] if storage.is_remote(plan.storage_path) else None
+    if scheme is None or scheme in PYARROW_SCHEMES:
+        return
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def problem(path: str) -> str | None:
+        try:
+            storage.filesystem(path)
+        except Exception as e:  # whatever the missing plugin makes fsspec raise
+            return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        return None
+
+    tries = {n["NodeManagerAddress"]: problem.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote(plan.storage_path) for n in ray.nodes() if n["Alive"]}
+    for ip, ref in tries.items():
+        if why := ray.get(ref, timeout=300):
+            raise RecipeError(f"--storage {plan.storage_path}: '{scheme}://' does not open on node {ip} ({why}); "
+                              "install the fsspec plugin that provides it on every node (the cluster's setup commands "
+                              "or image), or use a folder, s3:// or gs://")
+
+
 # A full-parameter checkpoint: 16-bit weights (2 bytes) + fp32 master weights and Adam's two moments (12 bytes)
 CHECKPOINT_BYTES_PER_PARAM = 14
 
@@ -265,8 +298,9 @@ def run(plan: Plan):
         events.emit("already_finished", run=plan.run_name, storage=plan.storage_path)
         return _finish(plan, done)
     check_checkpoints(plan)
-    events.emit("launch", **identity)  # the input is checked: from here on the run exists in storage
     init_ray()
+    check_storage_on_nodes(plan)
+    events.emit("launch", **identity)  # the input is checked: from here on the run exists in storage
     milestones["ray_ready"] = time.time()
     if plan.tiny:
         assets = tiny.assets_dir(plan.storage_path)

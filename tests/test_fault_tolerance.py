@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from .conftest import progress_after_restarts, run_killing_rank1
+from .conftest import progress_after_restarts, run_cli, run_killing_rank1
 
 pytestmark = pytest.mark.slow
 
@@ -80,3 +80,16 @@ def test_killed_worker_restarts_from_last_checkpoint(tmp_path):
 
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "smollm3"
 
+
+
+def test_storage_scheme_missing_on_the_nodes_is_one_error_line(ray_address, tmp_path):
+    """The same plugin installed where the driver runs but not on the shared head's nodes: one `error:` line
+    naming the fix, exit 2, before anything is prepared or written to that storage."""
+    uri, env = flaky_storage(tmp_path, failures=0)
+    proc = run_cli(["sft_mid", "--tiny", "--storage", uri, "--output-dir", str(tmp_path / "model")],
+                   env_extra={**env, "RAY_ADDRESS": ray_address}, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "'flaky://' does not open on node" in errors[0] and "install the fsspec plugin" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "storage").exists()  # nothing written: no prepared data, no run folder
