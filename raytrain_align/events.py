@@ -107,7 +107,8 @@ RENDER = {
     "preemption": lambda e: (f"preemption    node(s) {', '.join(n[:8] for n in e['nodes'])} (ranks {e['ranks']}) drain by "
                              f"{_clock(e['deadline_unix']) if e.get('deadline_unix') else '?'}; checkpoint at step "
                              f"{e['step']} committed; waiting for Ray Train to restart without them"),
-    "exported": lambda e: None,  # the run summary the driver prints says where
+    "exported": lambda e: None,  # rank 0: the final model is in storage
+    "finished": lambda e: None,  # the driver: the model exported to output_dir; the CLI prints its summary
 }
 
 

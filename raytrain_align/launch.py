@@ -296,7 +296,7 @@ def run(plan: Plan):
     if done is not None:
         events.emit("launch", **identity)
         events.emit("already_finished", run=plan.run_name, storage=plan.storage_path)
-        return _finish(plan, done)
+        return _finish(plan, done, events)
     check_checkpoints(plan)
     init_ray()
     check_storage_on_nodes(plan)
@@ -337,12 +337,13 @@ def run(plan: Plan):
                 workers=f"{plan.min_workers}..{plan.world_size}" if plan.min_workers else str(plan.world_size))
     with patch_environment(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=plan.restart_wait_s):  # read by the controller
         result = trainer.fit()
-    return _finish(plan, result.checkpoint)
+    return _finish(plan, result.checkpoint, events)
 
 
-def _finish(plan: Plan, checkpoint):
+def _finish(plan: Plan, checkpoint, events):
     from . import export
 
     summary = export.summarize(plan, checkpoint)
     (Path(plan.output_dir) / "summary.json").write_text(json.dumps(asdict(summary), indent=2, default=str))
+    events.emit("finished", **{k: v for k, v in asdict(summary).items() if k != "facts"})
     return summary

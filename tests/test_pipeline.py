@@ -4,12 +4,13 @@ apo_zero and a partitioned reference model), each from the previous stage's expo
 held-out data; a re-run skips them all."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
-from raytrain_align import tiny
+from raytrain_align import events, jobs, tiny
 
 from .conftest import run_cli
 
@@ -26,9 +27,20 @@ def pipeline_run(ray_address, tmp_path_factory):
     args = ["pipeline", *STAGES, "--tiny", "--storage", str(storage), "--output-dir", str(out), "--set", "num_train_epochs=2"]
     proc = run_cli(args, env_extra={"RAY_ADDRESS": ray_address}, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    summary = proc.stdout[proc.stdout.index("pipeline done"):]
-    models = [Path(line.split("model", 1)[1].strip()) for line in summary.splitlines() if line.strip().startswith("model ")]
-    return proc, args, storage, models
+    return proc, args, storage, stage_models(storage)
+
+
+def stage_models(storage: Path, since: float = 0.0) -> list[Path]:
+    """Each stage's model, in the order the stages ran: where its driver's `finished` event says it exported it."""
+    return [Path(e["output_dir"]) for kind, e in stage_events(storage, since) if kind == "finished"]
+
+
+def stage_events(storage: Path, since: float) -> list[tuple[str, dict]]:
+    """(kind, event) of every stage launched after `since`, stage by stage."""
+    launches = sorted((launch for launch in jobs.launches(str(storage)) if launch["unix"] >= since),
+                      key=lambda launch: launch["unix"])
+    return [(e["event"], e) for launch in launches for e in events.read(str(storage), launch["run"])
+            if e["launch_id"] == launch["launch_id"]]
 
 
 def test_each_stage_starts_from_the_previous_export(pipeline_run):
@@ -70,11 +82,14 @@ def test_every_stage_learned(pipeline_run):
 
 
 def test_rerun_skips_finished_stages(pipeline_run, ray_address):
-    _, args, _, models = pipeline_run
+    _, args, storage, models = pipeline_run
+    t0 = time.time()
     again = run_cli(args, env_extra={"RAY_ADDRESS": ray_address})
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("skipped (already done)") == 3
-    assert "Ray workers" not in again.stdout  # nothing trained
+    kinds = [kind for kind, _ in stage_events(storage, t0)]
+    assert kinds.count("already_finished") == 3 and "train_submitted" not in kinds  # nothing trained
+    assert stage_models(storage, t0) == models  # each exported again to the same folder
 
 
 HANDBOOK = "tests/data/handbook/recipes"
@@ -89,8 +104,7 @@ def test_handbook_recipe_files_of_each_method_run_tiny(ray_address, tmp_path):
                     "--output-dir", str(tmp_path / "models"), "--set", "max_steps=6", "--set", "logging_steps=2"],
                    env_extra={"RAY_ADDRESS": ray_address})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    summary = proc.stdout[proc.stdout.index("pipeline done"):]
-    models = [Path(line.split("model", 1)[1].strip()) for line in summary.splitlines() if line.strip().startswith("model ")]
+    models = stage_models(tmp_path / "storage")
     runs = [json.loads((m / "raytrain_align_run.json").read_text()) for m in models]
     assert [r["prepared"]["method"] for r in runs] == ["sft", "dpo", "orpo"] and all(r["metrics"]["step"] == 6 for r in runs)
     assert [r["trainer"] for r in runs] == ["SFTTrainer", "DPOTrainer", "ORPOTrainer"]
