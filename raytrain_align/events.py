@@ -84,9 +84,11 @@ def _progress(e: dict) -> str:
 
 
 def _data(e: dict) -> str:
+    from dataclasses import fields
+
     from .prepare import Prepared
 
-    return Prepared(**{k: v for k, v in e.items() if k not in ("event", "unix")}).render()
+    return Prepared(**{f.name: e[f.name] for f in fields(Prepared) if f.name in e}).render()
 
 
 RENDER = {

@@ -307,7 +307,7 @@ def run(plan: Plan):
         tiny.materialize(assets, plan.recipe_model)
     prepared = prepare.prepare(plan)
     milestones["data_ready"] = time.time()
-    events.emit("data_prepared", **asdict(prepared))
+    events.emit("data_prepared", **{k: v for k, v in asdict(prepared).items() if k != "spec"})  # the key says it
 
     resources = {"CPU": plan.cpus_per_worker}
     if plan.use_gpu:

@@ -269,7 +269,37 @@ def test_events_round_trip_each_writer_in_files_of_its_own(tmp_path, monkeypatch
 
 
 def test_every_event_kind_renders_or_stays_silent_on_purpose():
+    from dataclasses import asdict
+
     from raytrain_align import events
+    from raytrain_align.prepare import Prepared
+
+    stamp = {"unix": 0.0, "launch_id": "L", "attempt": "a"}  # what every writer adds
+    prepared = Prepared(path="/s/prepared/k/train", key="k", method="sft", rows_in=10, rows_out=4, tokens=100,
+                        loss_tokens=60, fill_ratio=0.9, seconds=1.5, nodes=2, finished_at="12:00:00")
+    samples = {
+        "launch": {"run": "r", "storage": "/s", "recipe": "sft_mid", "job": None},
+        "already_finished": {"run": "r", "storage": "/s"},
+        "data_prepared": {k: v for k, v in asdict(prepared).items() if k != "spec"},
+        "train_submitted": {"run": "r", "storage": "/s", "backend": "deepspeed", "workers": "2"},
+        "workers_formed": {"world_size": 2, "nodes": 1, "process_group": "gloo", "collective_timeout_s": 60,
+                           "rows": 4, "pids": [1, 2]},
+        "checkpoints_skipped": {"damaged": ["checkpoint-0000010: a shard is missing"], "resumed_from": "checkpoint-0000005"},
+        "start": {"cause": "start", "resumed_step": 0, "world_size": 2, "gradient_accumulation_steps": 1,
+                  "global_batch_size": 2},
+        "training": {"max_steps": 10},
+        "progress": {"step": 1, "max_steps": 10, "loss": 1.0, "learning_rate": 1e-3, "tokens_per_s": None, "eta_s": 9.0},
+        "checkpoint_committed": {"step": 5, "name": "checkpoint-0000005", "commit_seconds": 0.1, "reason": "save"},
+        "checkpoint_uploading": {"step": 5, "name": "checkpoint-0000005"},
+        "preemption": {"nodes": ["abcdef0123"], "ranks": [1], "deadline_unix": None, "step": 7},
+        "exported": {"step": 10, "checkpoint": "final_model"},
+        "finished": {"output_dir": "/m", "steps": 10},
+    }
+    assert set(samples) == set(events.RENDER)
+    lines = {kind: events.render({"event": kind, **stamp, **fields}) for kind, fields in samples.items()}
+    assert lines["data_prepared"].startswith("data          10 rows -> 4 sequences, 100 tokens (60 in the loss)")
+    assert lines["workers_formed"].endswith("world 2, gloo, collective timeout 60s; data already prepared (4 rows)")
+    assert "drain by ?; checkpoint at step 7 committed" in lines["preemption"]
 
     start = {"event": "start", "unix": 0.0, "cause": "shrink 4 -> 2 (workers lost)", "resumed_step": 10,
              "world_size": 2, "gradient_accumulation_steps": 4, "global_batch_size": 8, "steps_lost": 3,
