@@ -97,9 +97,11 @@ def cluster(nodes: int = 2):
 class Run:
     """One `python -m raytrain_align` driver, its output read line by line in a thread."""
 
-    def __init__(self, address: str, storage: Path, name: str, workers: str = "2:4", extra: tuple[str, ...] = ()):
+    def __init__(self, address: str, storage: Path, name: str, workers: str = "2:4", extra: tuple[str, ...] = (),
+                 storage_uri: str | None = None):
+        """`storage_uri`: the same folder as the driver names it (e.g. through an fsspec plugin); read here as `storage`."""
         self.name, self.storage, self.out, self.address = name, storage, storage.parent / f"out-{name}", address
-        self.cmd = [sys.executable, "-m", "raytrain_align", "sft_mid", "--tiny", "--storage", str(storage),
+        self.cmd = [sys.executable, "-m", "raytrain_align", "sft_mid", "--tiny", "--storage", storage_uri or str(storage),
                     "--output-dir", str(self.out), "--num-workers", workers, "--max-failures", "3",
                     "--set", f"run_name={name}", "--set", f"max_steps={STEPS}", "--set", f"save_steps={SAVE_EVERY}",
                     "--set", "logging_steps=1", "--set", "per_device_train_batch_size=1",
@@ -337,6 +339,23 @@ def driver_killed(c, nodes, address, storage, reference):
     return record
 
 
+FLAKY_WRITES = 3  # checkpoint-file writes that fail in the flaky-storage scenario
+
+
+def flaky_uploads(c, nodes, address, storage, reference):
+    """The first FLAKY_WRITES writes of checkpoint files fail with a reset connection, as an object store's uploads
+    sometimes do (faults.FlakyFileSystem, an fsspec plugin installed on every node of the cluster): each file is
+    sent again after 1, 2, 4 ... s, and the run neither restarts nor loses its previous checkpoint."""
+    for i in range(FLAKY_WRITES):
+        Path(os.environ["FSSPEC_FLAKY_TOKENS"], str(i)).touch()
+    run = Run(address, storage, "flaky-uploads", workers="2", storage_uri=f"flaky://{storage}")
+    run.finish()
+    record = evidence(run, reference)
+    record["failed_writes_retried"] = FLAKY_WRITES - len(os.listdir(os.environ["FSSPEC_FLAKY_TOKENS"]))
+    assert record["restarts"] == 0 and record["failed_writes_retried"] == FLAKY_WRITES, record["starts"]
+    return record
+
+
 def kill_a_worker(address: str, rng) -> int:
     """SIGKILL one training worker process (a RayTrainWorker actor, found through Ray's state API); returns its pid."""
     from ray.util.state import list_actors
@@ -428,6 +447,7 @@ SCENARIOS = {
     "node drained with a 60 s deadline (spot reclaim)": node_drained,
     "worker crash while a checkpoint is written": crash_during_checkpoint,
     "driver killed, latest checkpoint truncated, same command relaunched": driver_killed,
+    "checkpoint uploads fail 3 times (a reset connection)": flaky_uploads,
     "chaos: 200 steps, 2..4 workers, all of the above and a worker killed": lambda c, nodes, address, storage, _: chaos(
         c, nodes, address, storage, uninterrupted(address, storage, CHAOS_STEPS)),
 }
@@ -435,8 +455,9 @@ SCENARIOS = {
 
 def table(records: list[dict]) -> str:
     head = ("| scenario | restarts: cause, world size | resumed from step | steps lost | recovery s | seconds lost "
-            "| optimizer state after resume (max rel. diff) | every sample once | max loss diff vs uninterrupted |\n"
-            "|---|---|---|---|---|---|---|---|---|\n")
+            "| optimizer state after resume (max rel. diff) | every sample once | max loss diff vs uninterrupted "
+            "| failed storage writes retried |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in records:
         again = r["starts"][1:]
@@ -450,6 +471,7 @@ def table(records: list[dict]) -> str:
             ", ".join(f"{s.get('optimizer_state_max_rel_diff', float('nan')):.1e}" for s in again),
             "yes" if r["exactly_once"] else "NO",
             f"{r['max_loss_diff_vs_uninterrupted']:.1e}",
+            str(r.get("failed_writes_retried", 0)),
         ]) + " |")
     return head + "\n".join(lines) + "\n"
 
@@ -463,6 +485,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="fault_tolerance-"))
     storage = work / "storage"
+    import fsspec
+
+    from benchmarks.faults import FlakyFileSystem, install_flaky_plugin
+
+    os.environ.update(install_flaky_plugin(work, failures=0)[1])  # the cluster's raylets and drivers start with it
+    fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)  # this process reads the run's files
     c, nodes = cluster()
     try:
         reference = uninterrupted(c.address, storage)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from pathlib import Path
 
 from fsspec.implementations.local import LocalFileSystem
 from transformers import TrainerCallback
@@ -71,3 +72,19 @@ class FlakyFileSystem(LocalFileSystem):
             except FileNotFoundError:  # another process took it
                 continue
         return False
+
+
+def install_flaky_plugin(folder: Path, failures: int) -> tuple[str, dict[str, str]]:
+    """FlakyFileSystem registered the way fsspec plugins are (an `fsspec.specs` entry point in a dist-info folder
+    under `folder`), failing the first `failures` writes of checkpoint files. Returns the token folder and the
+    environment that installs the plugin in a process started with it (a driver, a raylet and its workers)."""
+    plugin = folder / "plugins" / "flaky_storage-0.dist-info"
+    plugin.mkdir(parents=True, exist_ok=True)
+    (plugin / "METADATA").write_text("Metadata-Version: 2.1\nName: flaky-storage\nVersion: 0\n")
+    (plugin / "entry_points.txt").write_text("[fsspec.specs]\nflaky = benchmarks.faults:FlakyFileSystem\n")
+    tokens = folder / "failures"
+    tokens.mkdir(exist_ok=True)
+    for i in range(failures):
+        (tokens / str(i)).touch()
+    return str(tokens), {"PYTHONPATH": os.pathsep.join(p for p in (str(plugin.parent), os.environ.get("PYTHONPATH")) if p),
+                         "FSSPEC_FLAKY_TOKENS": str(tokens)}

@@ -83,19 +83,25 @@ def _progress(e: dict) -> str:
             f"lr {e['learning_rate']:.2e}{tps}  eta {e['eta_s']:,.0f}s")
 
 
-def _data(e: dict) -> str:
-    from dataclasses import fields
-
-    from .prepare import Prepared
-
-    return Prepared(**{f.name: e[f.name] for f in fields(Prepared) if f.name in e}).render()
+def render_data(e: dict) -> str:
+    """The prepared data's summary lines (a data_prepared event, or prepare.Prepared's fields)."""
+    fill = f", packing fill {e['fill_ratio']:.1%}" if e.get("fill_ratio") else ""
+    how = "reused" if e.get("reused") else (f"in {e['seconds']:.1f}s ({e['tokens'] / max(e['seconds'], 1e-9):,.0f} tokens/s, "
+                                            f"{e['nodes']} node(s)), finished at {e['finished_at']}")
+    lines = [f"data          {e['rows_in']:,} rows -> {e['rows_out']:,} {'sequences' if e['method'] == 'sft' else 'pairs'}, "
+             f"{e['tokens']:,} tokens ({e['loss_tokens']:,} in the loss){fill}, {how}",
+             f"data cache    {e['path'].rsplit('/', 1)[0]} (key {e['key']})"]
+    for reason, n in sorted((e.get("drops") or {}).items(), key=lambda kv: -kv[1]):
+        example = ((e.get("drop_examples") or {}).get(reason) or [""])[0]
+        lines.append(f"data dropped  {n:,} rows: {reason}" + (f"  e.g. {example}" if example else ""))
+    return "\n".join(lines)
 
 
 RENDER = {
     "launch": lambda e: None,  # the plan printed above says the same
     "already_finished": lambda e: (f"done          run '{e['run']}' already finished in {e['storage']}; exporting its "
                                    "model again (pass --set run_name=NEW or delete that folder to train anew)"),
-    "data_prepared": _data,
+    "data_prepared": render_data,
     "train_submitted": lambda e: f"train         {e['workers']} Ray workers, {e['backend']}, run '{e['run']}' in {e['storage']}",
     "workers_formed": lambda e: (f"workers       process group formed at {_clock(e['unix'])}: world {e['world_size']}, "
                                  f"{e['process_group']}, collective timeout {e['collective_timeout_s']}s; data already "

@@ -265,7 +265,7 @@ def init_ray() -> None:
     if address and not address.startswith("ray://") and (gcs := canonicalize_bootstrap_address(address)):
         join_auth_mode(gcs)
     ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=True,
-             **({} if address else {"_system_config": NODE_HEALTH_CHECKS}))
+             **({} if address else {"_system_config": dict(NODE_HEALTH_CHECKS)}))  # a copy: Ray adds its own keys to it
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # prepare.py prints its own progress lines
     ctx.print_on_execution_start = False

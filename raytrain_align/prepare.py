@@ -56,17 +56,10 @@ class Prepared:
         return sum(self.drops.values())
 
     def render(self) -> str:
-        """Summary lines for the log."""
-        fill = f", packing fill {self.fill_ratio:.1%}" if self.fill_ratio else ""
-        how = "reused" if self.reused else (f"in {self.seconds:.1f}s ({self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s, {self.nodes} node(s)), "
-                                               f"finished at {self.finished_at}")
-        lines = [f"data          {self.rows_in:,} rows -> {self.rows_out:,} {'sequences' if self.method == 'sft' else 'pairs'}, "
-                 f"{self.tokens:,} tokens ({self.loss_tokens:,} in the loss){fill}, {how}",
-                 f"data cache    {self.path.rsplit('/', 1)[0]} (key {self.key})"]
-        for reason, n in sorted(self.drops.items(), key=lambda kv: -kv[1]):
-            example = (self.drop_examples.get(reason) or [""])[0]
-            lines.append(f"data dropped  {n:,} rows: {reason}" + (f"  e.g. {example}" if example else ""))
-        return "\n".join(lines)
+        """Summary lines for the log (the same as the data_prepared event's)."""
+        from .events import render_data
+
+        return render_data(asdict(self))
 
 
 def _files_hash(path: str) -> str:

@@ -20,19 +20,11 @@ def flaky_storage(tmp_path, failures: int) -> tuple[str, dict]:
     """A `flaky:///...` storage URI and the driver's environment for it: benchmarks/faults.py's FlakyFileSystem,
     registered the way fsspec plugins are (an `fsspec.specs` entry point), failing its first `failures` writes
     of checkpoint files."""
-    plugin = tmp_path / "plugins" / "flaky_storage-0.dist-info"
-    plugin.mkdir(parents=True)
-    (plugin / "METADATA").write_text("Metadata-Version: 2.1\nName: flaky-storage\nVersion: 0\n")
-    (plugin / "entry_points.txt").write_text("[fsspec.specs]\nflaky = benchmarks.faults:FlakyFileSystem\n")
-    tokens = tmp_path / "failures"
-    tokens.mkdir()
-    for i in range(failures):
-        (tokens / str(i)).touch()
-    env = {"PYTHONPATH": str(plugin.parent), "FSSPEC_FLAKY_TOKENS": str(tokens)}
     import fsspec
 
-    from benchmarks.faults import FlakyFileSystem
+    from benchmarks.faults import FlakyFileSystem, install_flaky_plugin
 
+    _, env = install_flaky_plugin(tmp_path, failures)
     fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)  # this process reads the run's files too
     return f"flaky://{tmp_path / 'storage'}", env
 
