@@ -5,14 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from math import ceil
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import RecipeError
-
-if TYPE_CHECKING:
-    from .sources import Source
 
 
 @dataclass
@@ -87,7 +83,9 @@ def order(rows_per_entry: list[int], weights: list[float | None], seed: int, tes
     return Order(combined, test, offsets[:-1].tolist())
 
 
-def mixture_order(sources: list[Source], mix: dict) -> Order:
+def mixture_order(sources: list, mix: dict) -> Order:
+    """The order of `sources` (sources.Source: only each one's row count and mixture entry are read) under the
+    mixture's seed, test split and take."""
     tests = tuple(i for i, s in enumerate(sources) if s.entry.get("test"))
     return order([s.rows for s in sources], [None if s.entry.get("test") else s.entry.get("weight") for s in sources],
                  mix.get("seed", 0), mix.get("test_split_size"), mix.get("take", "shuffled"), tests)
