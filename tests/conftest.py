@@ -86,10 +86,13 @@ def launch_events(launch: dict, kinds: set[str]) -> list[dict]:
     return [e for e in events.read(launch["storage"], launch["run"], kinds) if e["launch_id"] == launch["launch_id"]]
 
 
-def run_killing_rank1(args, ray_address, kill_from_step: int, env_extra=None):
-    """Run `python -m raytrain_align ARGS` (with --storage) and SIGKILL the world-rank-1 worker process once the
-    run's progress events reach `kill_from_step`. Returns (returncode, log, step killed at or None, time of the
-    kill, the launch's workers_formed and progress events)."""
+def run_killing_rank1(args, ray_address, checkpoint_step: int, env_extra=None):
+    """Run `python -m raytrain_align ARGS` (with --storage) and SIGKILL the world-rank-1 worker process as soon as
+    the checkpoint of `checkpoint_step` is committed (Ray Train's checkpoint list in storage) and training has gone
+    past it (a progress event). Returns (returncode, log, step of the last progress event before the kill or None,
+    time of the kill, the launch's workers_formed, start and progress events)."""
+    from raytrain_align import jobs
+
     storage, t0 = args[args.index("--storage") + 1], time.time()
     proc = subprocess.Popen([sys.executable, "-m", "raytrain_align", *args], cwd=REPO,
                             env={**os.environ, "RAY_ADDRESS": ray_address, "PYTHONUNBUFFERED": "1", **(env_extra or {})},
@@ -104,13 +107,13 @@ def run_killing_rank1(args, ray_address, kill_from_step: int, env_extra=None):
         if launch is None:
             continue
         seen = launch_events(launch, {"workers_formed", "progress"})
-        past = [e for e in seen if e["event"] == "progress" and e["step"] >= kill_from_step]
-        if past:
-            killed_at, t_kill = past[0]["step"], time.time()
+        past = [e["step"] for e in seen if e["event"] == "progress" and e["step"] > checkpoint_step]
+        if past and checkpoint_step in set(jobs.checkpoints(storage, launch["run"]).query("committed").step):
+            killed_at, t_kill = past[-1], time.time()
             os.kill([e for e in seen if e["event"] == "workers_formed"][-1]["pids"][1], signal.SIGKILL)
     proc.wait(timeout=900)
     reader.join(timeout=60)
-    seen = launch_events(launch, {"workers_formed", "progress"}) if launch else []
+    seen = launch_events(launch, {"workers_formed", "start", "progress"}) if launch else []
     return proc.returncode, "".join(lines), killed_at, t_kill, seen
 
 
@@ -120,7 +123,7 @@ def progress_after_restarts(seen: list[dict]) -> list[list[int]]:
     for e in seen:
         if e["event"] == "workers_formed":
             starts.append([])
-        elif starts:
+        elif starts and e["event"] == "progress":
             starts[-1].append(e["step"])
     return starts
 

@@ -34,14 +34,14 @@ def test_killed_worker_restarts_from_last_checkpoint(tmp_path):
     is opened, Ray Data's and Ray Train's workers included, and the workers of a cluster the driver starts share
     its environment; those of the tests' shared head do not."""
     out = tmp_path / "model"
-    # two failed uploads (3 s of retries) of the step-20 checkpoint's first file, well before the kill at step 36
+    # two failed uploads (3 s of retries) of the step-20 checkpoint's first file, before it is committed
     uri, env = flaky_storage(tmp_path, failures=2)
     args = ["sft_mid", "--tiny", "--storage", uri, "--output-dir", str(out), "--max-failures", "1",
             "--set", f"max_steps={STEPS}", "--set", f"save_steps={SAVE_EVERY}",
             # checkpoints uploaded in the background: the one the restart finds was uploaded while training went on
             "--set", "ray.checkpoint_upload=async"]
-    # past step 20's checkpoint (committed) and before step 40's
-    returncode, log, killed_at, t_kill, seen = run_killing_rank1(args, "local", 2 * SAVE_EVERY - 4, env)
+    # once step 20's checkpoint is committed, before step 40's
+    returncode, log, killed_at, t_kill, seen = run_killing_rank1(args, "local", SAVE_EVERY, env)
     assert returncode == 0, log[-5000:]
     assert killed_at is not None, log[-3000:]
     # the failed uploads were sent again in place (the one restart below is the kill's)
@@ -50,9 +50,13 @@ def test_killed_worker_restarts_from_last_checkpoint(tmp_path):
 
     starts = progress_after_restarts(seen)
     assert len(starts) == 2, starts  # restarted once
-    resumed = starts[1]
-    assert resumed and SAVE_EVERY < resumed[0] <= killed_at  # continued from the step-20 checkpoint, not from 0
-    print(f"killed at step {killed_at}; resumed from step {SAVE_EVERY}; recovered and finished "
+    # from the latest checkpoint committed when the worker died: step 20's (committed before the kill) or, where
+    # its background upload finished late, step 40's, committed between that and the worker's end; never from 0
+    restart = [e for e in seen if e["event"] == "start"][-1]
+    assert restart["cause"] == "worker group restart after a failure", restart
+    assert restart["resumed_step"] in (SAVE_EVERY, 2 * SAVE_EVERY)
+    assert starts[1] and starts[1][0] > restart["resumed_step"]
+    print(f"killed after step {killed_at}; resumed from step {restart['resumed_step']}; recovered and finished "
           f"{time.time() - t_kill:.0f}s after the kill")
 
     assert "uploaded in the background" in log

@@ -210,8 +210,8 @@ def test_killed_worker_resumes_from_sharded_checkpoint(ray_address, storage, fsd
     out = storage.parent / "fsdp_resumed"
     args = ["sft_mid", "--tiny", "--storage", str(storage), "--output-dir", str(out), "--accelerate-config", FSDP_YAML,
             "--max-failures", "1", "--set", "run_name=fsdp-sft-killed", *SETTINGS]
-    # past step 5's checkpoint (committed), before step 10's
-    returncode, log, killed_at, _, seen = run_killing_rank1(args, ray_address, 2 * SAVE_EVERY - 2)
+    # once step 5's checkpoint is committed, before step 10's
+    returncode, log, killed_at, _, seen = run_killing_rank1(args, ray_address, SAVE_EVERY)
     assert returncode == 0 and killed_at is not None, log[-5000:]
     starts = progress_after_restarts(seen)
     assert len(starts) == 2, starts  # restarted once
@@ -259,7 +259,7 @@ def test_handbook_orpo_on_fsdp2_resumes_after_a_killed_worker(ray_address, stora
     out = storage.parent / "fsdp_orpo"
     args = [HANDBOOK_ORPO, "--tiny", "--storage", str(storage), "--output-dir", str(out), "--accelerate-config", FSDP_YAML,
             "--max-failures", "1", "--set", "run_name=fsdp-orpo", "--set", "save_strategy=steps", *SETTINGS]
-    returncode, log, killed_at, _, seen = run_killing_rank1(args, ray_address, 2 * SAVE_EVERY - 2)
+    returncode, log, killed_at, _, seen = run_killing_rank1(args, ray_address, SAVE_EVERY)
     assert returncode == 0 and killed_at is not None, log[-5000:]
     starts = progress_after_restarts(seen)
     assert len(starts) == 2, starts
