@@ -4,7 +4,8 @@
     job = jobs.submit("sft_mid", "--tiny", storage="/mnt/efs/runs")
     for line in jobs.follow(job): print(line)               # streams until the job ends
     jobs.status(job); jobs.stop(job)
-    jobs.progress(job)                                      # its progress events so far (step, loss, lr, tok/s)
+    launch = jobs.run_of(job)                               # its run and storage, from the driver's launch event
+    jobs.progress(launch["storage"], launch["run"])         # the run's progress events (step, loss, lr, tok/s)
     jobs.runs("/mnt/efs/runs")                              # one row per run in that storage
     jobs.metrics("/mnt/efs/runs", "smollm3-midtraining")    # its log history, one row per logged step
     jobs.checkpoints("/mnt/efs/runs", "smollm3-midtraining")

@@ -411,7 +411,7 @@ def _export(trainer, tokenizer, plan, result, run: dict, es: ElasticState, ctx, 
                      checkpoint_dir_name=FINAL_DIR,
                      checkpoint_upload_fn=functools.partial(upload_checkpoint, ctx.get_storage()))
     torch.distributed.barrier()  # the export is in storage now (report persists it before returning)
-    if ctx.get_world_rank() == 0:
+    if es.rank == 0:
         es.events.emit("exported", step=trainer.state.global_step, checkpoint=FINAL_DIR)
     if ctx.get_local_rank() == 0:
         shutil.rmtree(scratch, ignore_errors=True)  # a 3B model's checkpoints and export, off the node's disk
